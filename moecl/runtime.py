@@ -1,0 +1,75 @@
+"""Device and distributed setup, in one place.
+
+CUDA + nccl when a GPU is present, otherwise CPU + gloo with ``DS_ACCELERATOR=cpu``. The accelerator
+variable must be set before DeepSpeed is first imported, so :func:`configure_accelerator_env` runs when
+``moecl`` is imported. Works under plain ``python``, ``torchrun`` and the ``deepspeed`` launcher: all
+three are read from the standard ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` variables.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+def configure_accelerator_env() -> str:
+    """Choose DeepSpeed's accelerator before it is imported; returns its name."""
+    if "DS_ACCELERATOR" not in os.environ:
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if os.environ["DS_ACCELERATOR"] == "cpu":
+        # DeepSpeed's CPU accelerator reads these; keep them modest on small machines.
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.environ["DS_ACCELERATOR"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> the local GPU when there is one, else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={requested!r} but no CUDA device is visible; use runtime.device=cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(requested_device: str = "auto") -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent).
+
+    A plain ``python`` process becomes a world of one on a free local port, so DeepSpeed's
+    expert-parallel groups exist in every mode.
+    """
+    configure_accelerator_env()
+    import deepspeed
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(requested_device, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)

@@ -1,0 +1,24 @@
+"""`.ci/run` runs exactly the README's Quickstart install and test lines."""
+import re
+
+
+def _quickstart_lines(readme: str) -> list[str]:
+    block = re.search(r"## Quickstart.*?```bash\n(.*?)```", readme, re.S).group(1)
+    return [line.strip() for line in block.strip().splitlines()]
+
+
+def test_ci_runs_the_readme_commands(repo_root):
+    readme = (repo_root / "README.md").read_text()
+    ci = (repo_root / ".ci" / "run").read_text()
+    lines = _quickstart_lines(readme)
+    install = re.search(r"^INSTALL='(.*)'$", ci, re.M).group(1)
+    test = re.search(r"^TEST='(.*)'$", ci, re.M).group(1)
+    assert lines[0] == install
+    assert lines[-1] == test
+    assert "python3 -m venv" in ci and "mktemp -d" in ci
+    assert re.search(r'"\$rc" -eq 5', ci), "pytest's exit code 5 (no tests) must fail CI"
+
+
+def test_ci_script_is_executable(repo_root):
+    import os
+    assert os.access(repo_root / ".ci" / "run", os.X_OK)
