@@ -55,6 +55,7 @@ class TaskAutoencoder(nn.Module):
         return F.normalize(features.float(), dim=-1)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of already ``prepare``d features (training uses this on cached inputs)."""
         return self.decoder(torch.sigmoid(self.encoder(x)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
