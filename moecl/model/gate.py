@@ -1,0 +1,105 @@
+"""Per-task noisy top-k routing as small pure functions, plus the DeepSpeed gate that uses them.
+
+The gate plugs into DeepSpeed's ``MOELayer``: it computes our logits (one router and one noise projection
+per task, read from a routing feature per sample) and then calls DeepSpeed's own ``topkgating``, whose
+renormalised top-k gate values equal a softmax over the k selected logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from deepspeed.moe.sharded_moe import TopKGate, topkgating
+from torch import nn
+
+
+@dataclass
+class RouteInput:
+    """What the gate needs besides the rows: the routing feature and the task of each row."""
+    features: torch.Tensor  # [S, d] the token the router reads (token 0 or EOT per sample; itself per token)
+    task_ids: torch.Tensor  # [S] long, >= 0 (rows routed to plain CLIP never reach the gate... or are masked)
+    single_task: Optional[int] = None  # all rows share this task: one matmul instead of a gather
+    active: Optional[torch.Tensor] = None  # [S] bool; inactive rows get zero gates and are not counted
+
+
+def task_logits(features: torch.Tensor, routers: list[torch.Tensor], task_ids: torch.Tensor,
+                single_task: Optional[int] = None) -> torch.Tensor:
+    """``features[s] @ routers[task_ids[s]]`` in fp32: [S, d] x T*[d, E] -> [S, E]."""
+    f = features.float()
+    if single_task is not None:
+        return f @ routers[single_task].float()
+    stacked = torch.stack([r.float() for r in routers], dim=1)  # [d, T, E]
+    d, t, e = stacked.shape
+    every = (f @ stacked.reshape(d, t * e)).view(-1, t, e)
+    return every.gather(1, task_ids.view(-1, 1, 1).expand(-1, 1, e)).squeeze(1)
+
+
+def noisy_logits(clean: torch.Tensor, noise_logits: torch.Tensor, eps: float,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Shazeer-style learned noise: ``clean + randn * (softplus(noise_logits) + eps)``."""
+    std = F.softplus(noise_logits) + eps
+    noise = torch.randn(clean.shape, device=clean.device, dtype=clean.dtype, generator=generator)
+    return clean + noise * std
+
+
+def selection_counts(indices: torch.Tensor, num_experts: int, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """How often each expert was chosen: indices [k, S] (DeepSpeed's sparse routes; -1 = dropped)."""
+    if active is not None:
+        indices = indices[:, active]
+    idx = indices.reshape(-1).long()
+    idx = idx[idx >= 0]
+    return torch.bincount(idx, minlength=num_experts)
+
+
+class TaskRouterGate(TopKGate):
+    """DeepSpeed ``TopKGate`` with one zero-initialised router and noise projection per task."""
+
+    def __init__(self, model_dim: int, num_experts: int, k: int, *, capacity_factor: float = 1.0,
+                 drop_tokens: bool = False, drop_policy: str = "probs", noise_eps: float = 0.01,
+                 shared_router: bool = False):
+        super().__init__(model_dim, num_experts, k, capacity_factor, capacity_factor, min_capacity=0,
+                         noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
+                         top2_2nd_expert_sampling=False)
+        del self.wg  # replaced by the per-task routers below
+        self.model_dim, self.num_experts = model_dim, num_experts
+        self.drop_policy, self.noise_eps, self.shared_router = drop_policy, noise_eps, shared_router
+        self.routers = nn.ParameterList()
+        self.noise = nn.ParameterList()
+        self.last_counts: Optional[torch.Tensor] = None
+
+    def add_task(self) -> None:
+        if self.shared_router and len(self.routers) == 1:
+            return
+        device = self.routers[0].device if len(self.routers) else None
+        for plist in (self.routers, self.noise):
+            plist.append(nn.Parameter(torch.zeros(self.model_dim, self.num_experts, device=device)))
+
+    def router_index(self, task: int) -> int:
+        return 0 if self.shared_router else task
+
+    def _set_ep_group(self, ep_group) -> None:
+        # DeepSpeed asserts on a second call; we build one engine per task, so the same group is set again.
+        self.ep_group = ep_group
+
+    def forward(self, input: torch.Tensor, route: RouteInput, sparse_routes: bool = True,
+                use_tutel: bool = False):
+        assert sparse_routes, "this DeepSpeed version dispatches sparse routes"
+        task_ids = route.task_ids
+        single = route.single_task
+        if self.shared_router:
+            task_ids, single = torch.zeros_like(task_ids), 0
+        clean = task_logits(route.features, list(self.routers), task_ids, single)
+        logits = clean
+        if self.training:
+            noise_logits = task_logits(route.features, list(self.noise), task_ids, single)
+            logits = noisy_logits(clean, noise_logits, self.noise_eps)
+        cap = self.capacity_factor if self.training else self.eval_capacity_factor
+        l_aux, capacity, num_experts, indices, locations, gates, _ = topkgating(
+            logits, self.k, cap, self.min_capacity, self.drop_tokens, self.ep_group, self.drop_policy,
+            sparse_routes=True)
+        if route.active is not None:
+            gates = gates * route.active.to(gates.dtype).unsqueeze(0)
+        self.last_counts = selection_counts(indices, num_experts, route.active)
+        return l_aux, capacity, num_experts, indices, locations, gates, self.last_counts

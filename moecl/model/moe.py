@@ -1,0 +1,127 @@
+"""One MoE-adapter site: a DeepSpeed ``MoE`` layer with our gate, routing per sample or per token."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import MOELayer
+from torch import nn
+
+from ..config import MoEConfig
+from .experts import AdapterExpert, GroupedExperts
+from .gate import RouteInput, TaskRouterGate
+
+
+class MoEAdapter(MoE):
+    """DeepSpeed ``MoE`` (so the engine finds it, builds expert-parallel groups and param groups, and
+    checkpoints its experts one file per expert) whose gate is :class:`TaskRouterGate`.
+
+    Per-sample routing views a block input ``[B, L, d]`` as ``[B, L*d]`` rows: the router reads one token per
+    sample and the chosen experts process all of that sample's tokens. Per-token routing uses ``[B*L, d]``.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        nn.Module.__init__(self)  # MoE.__init__ would build DeepSpeed's own gate; build ours instead
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        self.ep_size = cfg.ep_size
+        self.expert_group_name = f"ep_size_{cfg.ep_size}"
+        self.num_experts = cfg.num_experts
+        self.num_local_experts = cfg.num_experts // cfg.ep_size
+        self.dim, self.routing = dim, cfg.routing
+        expert = AdapterExpert(dim, cfg.width, cfg.dropout, cfg.scale)
+        experts = GroupedExperts(expert, self.num_local_experts, self.expert_group_name)
+        for i, ex in enumerate(experts.deepspeed_experts):  # independent kaiming draws per expert
+            if i:
+                ex.reset_parameters()
+        gate = TaskRouterGate(dim, cfg.num_experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
+                              drop_tokens=cfg.drop_tokens, drop_policy=cfg.drop_policy,
+                              noise_eps=cfg.noise_eps, shared_router=cfg.shared_router)
+        self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, self.ep_size,
+                                      self.num_local_experts)
+        # activate-freeze state, indexed by GLOBAL expert id
+        self.register_buffer("counts", torch.zeros(cfg.num_experts, dtype=torch.long))
+        self.register_buffer("frozen", torch.zeros(cfg.num_experts, dtype=torch.bool))
+        self.l_aux: Optional[torch.Tensor] = None
+
+    # -- structure -------------------------------------------------------------------------------------
+    @property
+    def gate(self) -> TaskRouterGate:
+        return self.deepspeed_moe.gate
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts
+
+    def expert_rank(self) -> int:
+        """This rank's index in the expert-parallel group (0 when not parallel)."""
+        group = self.deepspeed_moe.ep_group
+        return dist.get_rank(group=group) if self.ep_size > 1 and group is not None else 0
+
+    def global_expert_ids(self) -> list[int]:
+        first = self.expert_rank() * self.num_local_experts
+        return list(range(first, first + self.num_local_experts))
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, route_tokens: torch.Tensor, task_ids: torch.Tensor,
+                single_task: Optional[int] = None) -> torch.Tensor:
+        """``x`` [B, L, d]; ``route_tokens`` [B, d] (the token each sample's router reads); ``task_ids`` [B]
+        with -1 = plain CLIP. Returns the MoE output [B, L, d], exactly zero for rows with id -1."""
+        b, length, d = x.shape
+        active = task_ids >= 0
+        if self.ep_size == 1 and single_task is None:
+            # skip plain-CLIP rows entirely (no collectives to keep in step when experts are local)
+            if not bool(active.any()):
+                return torch.zeros_like(x)
+            if not bool(active.all()):
+                idx = active.nonzero().squeeze(1)
+                out = torch.zeros_like(x)
+                sub = self._run(x[idx], route_tokens[idx], task_ids[idx], None, None)
+                return out.index_copy(0, idx, sub.to(out.dtype))
+            return self._run(x, route_tokens, task_ids, None, None)
+        safe_ids = task_ids.clamp(min=0)
+        return self._run(x, route_tokens, safe_ids, single_task, None if single_task is not None else active)
+
+    def _run(self, x, route_tokens, task_ids, single_task, active) -> torch.Tensor:
+        b, length, d = x.shape
+        if self.routing == "sample":
+            rows = x.reshape(b, length * d)
+            route = RouteInput(route_tokens, task_ids, single_task, active)
+        else:
+            rows = x.reshape(b * length, d)
+            route = RouteInput(rows, task_ids.repeat_interleave(length), single_task,
+                               None if active is None else active.repeat_interleave(length))
+        out = self.deepspeed_moe(rows, route)
+        self.l_aux = self.deepspeed_moe.l_aux
+        if self.training and torch.is_grad_enabled():
+            self.counts += self.gate.last_counts.to(self.counts.device)
+        out = out.reshape(b, length, d)
+        if active is not None:
+            out = torch.where(active.view(b, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out
+
+    # -- activate-freeze ---------------------------------------------------------------------------------
+    def reduced_counts(self) -> torch.Tensor:
+        """Selection counts of the current task summed over every rank."""
+        counts = self.counts.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        return counts
+
+    def freeze_most_selected(self, k: int, counts: Optional[torch.Tensor] = None) -> list[int]:
+        """Freeze the ``k`` most-selected experts of this task (union with earlier tasks)."""
+        counts = self.reduced_counts() if counts is None else counts
+        newly = []
+        if k > 0 and int(counts.sum()) > 0:
+            # stable order: ties go to the lower expert id, the same on every rank
+            order = sorted(range(self.num_experts), key=lambda e: (-int(counts[e]), e))
+            newly = order[:k]
+            self.frozen[newly] = True
+        self.apply_frozen()
+        return newly
+
+    def apply_frozen(self) -> None:
+        for gid, ex in zip(self.global_expert_ids(), self.local_experts):
+            ex.requires_grad_(not bool(self.frozen[gid]))

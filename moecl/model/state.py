@@ -1,0 +1,126 @@
+"""Adapter-only state (experts, routers, noise, frozen set, counters, config) as safetensors + JSON.
+
+Experts are stored by GLOBAL expert id, gathered from every expert-parallel rank, so a state saved at any
+``ep_size`` loads at any other. A few MB instead of a full CLIP per task.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from .clip import DenseAdapter, MoECLIP
+from .moe import MoEAdapter
+
+TENSORS = "adapters.safetensors"
+META = "adapters.json"
+FORMAT = 1
+
+
+def _gather_experts(site: MoEAdapter) -> list[dict[str, torch.Tensor]]:
+    """Every global expert's tensors, on every rank of the expert-parallel group."""
+    local = [{k: v.detach().cpu() for k, v in ex.state_dict().items()} for ex in site.local_experts]
+    if site.ep_size == 1:
+        return local
+    group = site.deepspeed_moe.ep_group
+    names = list(local[0])
+    gathered: list[dict[str, torch.Tensor]] = [dict() for _ in range(site.num_experts)]
+    for name in names:
+        stacked = torch.stack([e[name] for e in local])
+        parts = [torch.empty_like(stacked) for _ in range(site.ep_size)]
+        dist.all_gather(parts, stacked, group=group)
+        for r, part in enumerate(parts):
+            for i in range(site.num_local_experts):
+                gathered[r * site.num_local_experts + i][name] = part[i].clone()
+    return gathered
+
+
+def adapter_state(model: MoECLIP) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flat tensors + JSON metadata of everything the adapters learned. Collective when ep_size > 1."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, site in model.named_moe_sites():
+        for gid, ex in enumerate(_gather_experts(site)):
+            for k, v in ex.items():
+                tensors[f"{name}.experts.{gid}.{k}"] = v.contiguous()
+        for t, (r, n) in enumerate(zip(site.gate.routers, site.gate.noise)):
+            tensors[f"{name}.router.{t}"] = r.detach().cpu().contiguous()
+            tensors[f"{name}.noise.{t}"] = n.detach().cpu().contiguous()
+        tensors[f"{name}.counts"] = site.reduced_counts().cpu()  # summed over ranks (collective)
+        tensors[f"{name}.frozen"] = site.frozen.cpu().to(torch.uint8)
+    dense = [(f"{tower}.{i}", s) for tower, sites in (("image", model.image_sites), ("text", model.text_sites))
+             for i, s in enumerate(sites) if isinstance(s, DenseAdapter)]
+    for name, site in dense:
+        for k, v in site.state_dict().items():
+            tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
+    meta = {"format": FORMAT, "method": model.method, "num_tasks": model.num_tasks,
+            "model": model.model_cfg.model_dump(mode="json"), "moe": model.moe_cfg.model_dump(mode="json"),
+            "frozen": model.frozen_experts()}
+    return tensors, meta
+
+
+def _is_writer() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def save_adapter_state(model: MoECLIP, directory: str | Path, extra_meta: Optional[dict] = None) -> Path:
+    """Write ``adapters.safetensors`` + ``adapters.json`` into ``directory`` (atomically, rank 0 writes)."""
+    tensors, meta = adapter_state(model)
+    meta.update(extra_meta or {})
+    directory = Path(directory)
+    if _is_writer():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        save_file(tensors, str(tmp / TENSORS))
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    return directory
+
+
+def read_adapter_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    directory = Path(directory)
+    if not (directory / TENSORS).is_file() or not (directory / META).is_file():
+        raise CheckpointError(f"{directory} holds no adapter state ({TENSORS} + {META} expected)")
+    return load_file(str(directory / TENSORS)), json.loads((directory / META).read_text())
+
+
+def load_adapter_state(model: MoECLIP, source: str | Path | tuple[dict, dict], strict_config: bool = True) -> dict:
+    """Load a saved adapter state onto ``model`` (any ep_size): adds tasks as needed; returns the metadata."""
+    tensors, meta = read_adapter_state(source) if not isinstance(source, tuple) else source
+    if strict_config:
+        for key in ("num_experts", "top_k", "width", "towers", "routing", "shared_router"):
+            saved, ours = meta["moe"].get(key), getattr(model.moe_cfg, key)
+            if saved != ours:
+                raise CheckpointError(f"adapter state has moe.{key}={saved!r} but the model has {ours!r}; "
+                                      "use the run's own config")
+        if meta["model"]["name"] != model.model_cfg.name:
+            raise CheckpointError(f"adapter state is for model.name={meta['model']['name']!r}, "
+                                  f"not {model.model_cfg.name!r}")
+    while model.num_tasks < meta["num_tasks"]:
+        model.add_task()
+    with torch.no_grad():
+        for name, site in model.named_moe_sites():
+            for gid, ex in zip(site.global_expert_ids(), site.local_experts):
+                for k, p in ex.state_dict().items():
+                    p.copy_(tensors[f"{name}.experts.{gid}.{k}"])
+            for t, (r, n) in enumerate(zip(site.gate.routers, site.gate.noise)):
+                r.copy_(tensors[f"{name}.router.{t}"])
+                n.copy_(tensors[f"{name}.noise.{t}"])
+            # the saved counts are a sum over ranks: rank 0 holds it, so later reductions stay sums
+            site.counts.copy_(tensors[f"{name}.counts"] if _is_writer() else torch.zeros_like(site.counts))
+            site.frozen.copy_(tensors[f"{name}.frozen"].bool())
+            site.apply_frozen()
+        for tower, sites in (("image", model.image_sites), ("text", model.text_sites)):
+            for i, s in enumerate(sites):
+                if isinstance(s, DenseAdapter):
+                    s.load_state_dict({k: tensors[f"{tower}.{i}.{k}"] for k in s.state_dict()})
+    return meta
