@@ -1,0 +1,121 @@
+"""Task sequences: a YAML file naming the tasks to learn in order (and zero-shot-only held-out tasks).
+
+A sequence is addressed by a shipped name (``moecl/sequences/<name>.yaml``), by a path, or, when the data
+root carries its own ``sequence.yaml`` with that name (the synthetic builder writes one), by that file:
+the data's own description wins because it matches what was actually built.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from ..errors import DataError
+from .task import TaskInfo, read_task
+
+SEQUENCE_DIR = Path(__file__).resolve().parents[1] / "sequences"
+KINDS = ("mtil", "cil")
+
+
+@dataclass
+class Sequence:
+    """Tasks in training order plus held-out tasks that are only ever evaluated zero-shot."""
+    name: str
+    kind: str
+    tasks: list[TaskInfo]
+    held_out: list[TaskInfo] = field(default_factory=list)
+    path: Optional[Path] = None
+    root: Optional[Path] = None
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def all_tasks(self) -> list[TaskInfo]:
+        """Training tasks then held-out tasks (the columns of an accuracy matrix with zero-shot sets)."""
+        return [*self.tasks, *self.held_out]
+
+    def task(self, name: str) -> TaskInfo:
+        for t in self.all_tasks():
+            if t.name == name:
+                return t
+        raise DataError(f"sequence '{self.name}' has no task '{name}'; it has: "
+                        + ", ".join(t.name for t in self.all_tasks()))
+
+
+def shipped_sequences() -> dict[str, Path]:
+    """Sequence files shipped inside the package, by name."""
+    return {p.stem: p for p in sorted(SEQUENCE_DIR.glob("*.yaml"))}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise DataError(f"sequence file {path} is not readable YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"sequence file {path} must be a mapping with 'name', 'kind' and 'tasks'")
+    return data
+
+
+def resolve_sequence(root: str | Path, sequence: str | Path) -> Path:
+    """Find the YAML file of a sequence given as a path, the root's own file, or a shipped name."""
+    candidate = Path(sequence)
+    if candidate.is_dir():
+        candidate = candidate / "sequence.yaml"
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise DataError(f"sequence file {candidate} does not exist")
+        return candidate
+    own = Path(root) / "sequence.yaml"
+    if own.is_file() and _read_yaml(own).get("name") == str(sequence):
+        return own
+    shipped = shipped_sequences()
+    if str(sequence) in shipped:
+        return shipped[str(sequence)]
+    close = difflib.get_close_matches(str(sequence), list(shipped), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise DataError(f"no sequence named '{sequence}'{hint} (shipped: {', '.join(shipped)}; "
+                    "or give a path to a sequence YAML file)")
+
+
+def _missing_task_message(task: str, task_dir: Path, seq_name: str, build: Optional[str], root: Path) -> str:
+    how = (build or "python -m data_tools --help").replace("{root}", str(root))
+    return (f"sequence '{seq_name}' names task '{task}' but {task_dir / 'task.json'} does not exist; "
+            f"build it with: {how}")
+
+
+def load_sequence(root: str | Path, sequence: str | Path, *, url_template: Optional[str] = None) -> Sequence:
+    """Read a sequence file and the ``task.json`` of each task it names under ``root``."""
+    root = Path(root)
+    path = resolve_sequence(root, sequence)
+    data = _read_yaml(path)
+    for key in ("name", "tasks"):
+        if key not in data:
+            raise DataError(f"sequence file {path} lacks '{key}'")
+    kind = str(data.get("kind", "mtil"))
+    if kind not in KINDS:
+        raise DataError(f"sequence file {path}: kind '{kind}' is not one of {', '.join(KINDS)}")
+    names = data["tasks"]
+    held = data.get("held_out") or []
+    if not isinstance(names, list) or not names or not isinstance(held, list):
+        raise DataError(f"sequence file {path}: 'tasks' must be a non-empty list and 'held_out' a list")
+    dup = {n for n in [*names, *held] if [*names, *held].count(n) > 1}
+    if dup:
+        raise DataError(f"sequence file {path} lists task(s) more than once: {', '.join(sorted(map(str, dup)))}")
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist; build the data first: "
+                        + (data.get("build") or "python -m data_tools --help").replace("{root}", str(root)))
+
+    def load(task: str) -> TaskInfo:
+        task_dir = root / str(task)
+        if not (task_dir / "task.json").is_file():
+            raise DataError(_missing_task_message(str(task), task_dir, str(data["name"]), data.get("build"), root))
+        info = read_task(task_dir, url_template=url_template)
+        return info
+
+    return Sequence(name=str(data["name"]), kind=kind, tasks=[load(t) for t in names],
+                    held_out=[load(t) for t in held], path=path, root=root)
