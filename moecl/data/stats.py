@@ -52,11 +52,12 @@ class StreamStats:
         if self.bad_fraction <= max_bad_fraction:
             return
         last = self.events[-1] if self.events else {}
+        at = f"key {last['key']}: " if last.get("key") else ""
         shards = ", ".join(f"{s} ({n})" for s, n in sorted(self.bad_shards.items()))
         raise DataError(
             f"{where}: {self.bad_samples} of {self.total} samples ({100 * self.bad_fraction:.1f}%) were unusable, "
             f"above data.max_bad_fraction={max_bad_fraction}; last in shard {last.get('shard')} "
-            f"(key {last.get('key')}: {last.get('reason')}). Bad shards: {shards}. Check them with "
+            f"({at}{last.get('reason')}). Bad shards: {shards}. Check them with "
             "`python -m data_tools verify ROOT`, rebuild them, or raise data.max_bad_fraction")
 
 
