@@ -195,3 +195,31 @@ def test_cil_tinyimagenet_base_plus_steps(tmp_path):
     assert [t.name for t in seq.tasks] == task_names("tinyimagenet", 5)
     assert seq.tasks[0].counts == {"train": 100, "test": 100} and seq.tasks[1].num_classes == 20
     assert seq.tasks[0].class_ids[0] == 131 and seq.tasks[0].classnames[0] == "Persian cat"
+
+
+def test_flowers_and_cars_readers_with_stubbed_mat_files(tmp_path, monkeypatch):
+    """Their annotations are MATLAB files (scipy reads them, as in torchvision): the layout logic is
+    checked here with the parsed contents stubbed in."""
+    import data_tools.mtil as mtil
+    flowers, cars = tmp_path / "flowers-102", tmp_path / "stanford_cars"
+    for i in range(1, 7):
+        _img(flowers / "jpg" / f"image_{i:05d}.jpg", i)
+    for split in ("train", "test"):
+        for i in range(3):
+            _img(cars / f"cars_{split}" / f"{i:05d}.jpg", i)
+    mats = {
+        "setid.mat": {"trnid": np.array([1, 2, 3]), "valid": np.array([4]), "tstid": np.array([5, 6])},
+        "imagelabels.mat": {"labels": np.array([1, 2, 1, 2, 102, 1])},
+        "cars_meta.mat": {"class_names": np.array(["AM General Hummer SUV 2000", "Acura RL Sedan 2012"])},
+        "cars_train_annos.mat": {"annotations": [{"fname": f"{i:05d}.jpg", "class": 1 + i % 2} for i in range(3)]},
+        "cars_test_annos_withlabels.mat": {"annotations": [{"fname": f"{i:05d}.jpg", "class": 2} for i in range(3)]},
+    }
+    for name in mats:
+        (tmp_path / name).touch()
+    monkeypatch.setattr(mtil, "_loadmat", lambda path: mats[Path(path).name])
+    out = convert_mtil(tmp_path, tmp_path / "out", datasets=["Flowers", "StanfordCars"], opts=QUIET)
+    fl, car = read_task(out[0]), read_task(out[1])
+    assert fl.counts == {"train": 3, "test": 2} and fl.classnames[101] == "blackberry lily"
+    assert fl.train_template == "a photo of a {}, a type of flower."
+    assert car.classnames == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
+    assert car.counts == {"train": 3, "test": 3} and len(car.eval_templates) == 9
