@@ -125,6 +125,8 @@ class EvalConfig(_Section):
     templates: Literal["ensemble", "train"] = Field("ensemble", description="prompt templates of the heads")
     max_samples: Optional[int] = Field(None, ge=1, description="cap test samples per set (quick looks)")
     cil: bool = Field(False, description="class-incremental: label space = all classes seen so far")
+    reference_ddas: bool = Field(False, description="also evaluate the reference DDAS (per batch, fixed threshold)")
+    workers: int = Field(0, ge=0, description="loader workers per rank for evaluation")
 
 
 class RuntimeConfig(_Section):

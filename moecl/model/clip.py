@@ -94,6 +94,16 @@ class AdaptedMLP(nn.Module):
         return out + moe.to(out.dtype)
 
 
+def _scalars_to_buffers(clip: nn.Module) -> None:
+    """``logit_scale`` (and SigLIP's ``logit_bias``) become buffers: the temperature stays fixed in every
+    method, and DeepSpeed's engine cannot broadcast 0-dim parameters. State-dict keys are unchanged."""
+    for name in ("logit_scale", "logit_bias"):
+        p = getattr(clip, name, None)
+        if isinstance(p, nn.Parameter):
+            delattr(clip, name)
+            clip.register_buffer(name, p.detach().clone())
+
+
 def _adapt_blocks(transformer: nn.Module, make_adapter, slot: RouteSlot) -> nn.ModuleList:
     adapters = nn.ModuleList()
     for block in transformer.resblocks:
@@ -112,6 +122,7 @@ class MoECLIP(nn.Module):
         super().__init__()
         self.clip = clip
         self.model_cfg, self.moe_cfg, self.method = model_cfg, moe_cfg, method
+        _scalars_to_buffers(clip)
         self._num_tasks = 0
         text_owner, text_tf = text_towers(clip)
         self._text_owner = text_owner
@@ -193,7 +204,7 @@ class MoECLIP(nn.Module):
                 params.extend(site.parameters())
         return params
 
-    def set_deepspeed_parallelism(self) -> None:
+    def setup_expert_parallel(self) -> None:
         """Create expert-parallel groups without a DeepSpeed engine (inference, tests)."""
         for site in self.moe_sites():
             site.set_deepspeed_parallelism()

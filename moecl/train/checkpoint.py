@@ -1,0 +1,160 @@
+"""Run checkpoints: atomic folders of safetensors + JSON with a checksummed manifest.
+
+A checkpoint is valid only when its ``MANIFEST.json`` exists and every file in it matches its sha256: a write
+that was interrupted (killed process, full disk) is never taken as valid. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+
+log = logging.getLogger("moecl")
+MANIFEST = "MANIFEST.json"
+TASK_RE = re.compile(r"^task-(\d{3})$")
+STEP_RE = re.compile(r"^step-(\d{3})-(\d{7})$")
+
+
+def task_dir_name(task: int) -> str:
+    return f"task-{task:03d}"
+
+
+def step_dir_name(task: int, step: int) -> str:
+    return f"step-{task:03d}-{step:07d}"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, meta: dict[str, Any]) -> None:
+    files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files, **meta}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify(folder: Path) -> Optional[str]:
+    """None when the checkpoint is complete and intact, else why not."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no MANIFEST.json (the write did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return "MANIFEST.json is unreadable"
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def finalize(tmp: Path, final: Path, meta: dict[str, Any]) -> Path:
+    """Manifest, then rename into place (the rename is the commit point)."""
+    write_manifest(tmp, meta)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def staging_dir(root: Path, name: str) -> Path:
+    tmp = root / f".{name}.tmp"
+    return tmp
+
+
+def _order(name: str) -> Optional[tuple[int, int]]:
+    m = TASK_RE.match(name)
+    if m:
+        return int(m.group(1)), 10**9  # a task end comes after every step of that task
+    m = STEP_RE.match(name)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(o, p) for p in root.iterdir() if p.is_dir() and (o := _order(p.name)) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def latest_valid(run_dir: Path, kind: str = "any") -> Optional[Path]:
+    """The newest checkpoint that verifies; broken ones are reported and skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        if kind == "task" and not TASK_RE.match(path.name):
+            continue
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is not valid (%s); using an earlier one", path, problem)
+    return None
+
+
+def prune_steps(run_dir: Path, keep: int) -> None:
+    steps = [p for p in list_checkpoints(run_dir) if STEP_RE.match(p.name)]
+    for old in steps[:-keep] if keep else steps:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- nested state <-> safetensors + JSON ---------------------------------------------------------------
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s") -> Any:
+    """Tensors go to ``tensors`` under a path key; the rest becomes a JSON skeleton pointing at them."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[flatten_state(k, tensors, f"{prefix}.k{i}"), flatten_state(v, tensors, f"{prefix}.{i}")]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        items = [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise CheckpointError(f"cannot store a {type(obj).__name__} in a checkpoint (at {prefix})")
+
+
+def unflatten_state(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skel, dict):
+        if "__tensor__" in skel:
+            return tensors[skel["__tensor__"]]
+        if "__dict__" in skel:
+            return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in skel["__dict__"]}
+        if "__tuple__" in skel:
+            return tuple(unflatten_state(v, tensors) for v in skel["__tuple__"])
+    if isinstance(skel, list):
+        return [unflatten_state(v, tensors) for v in skel]
+    return skel
+
+
+def save_nested(obj: Any, folder: Path, name: str) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    skel = flatten_state(obj, tensors)
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(skel))
+
+
+def load_nested(folder: Path, name: str) -> Any:
+    tensors = load_file(str(folder / f"{name}.safetensors"))
+    return unflatten_state(json.loads((folder / f"{name}.json").read_text()), tensors)
