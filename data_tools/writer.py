@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from PIL import Image
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PROGRESS_DIR = ".progress"
 
 
@@ -192,7 +192,7 @@ def _write_shard(job: dict[str, Any]) -> dict[str, Any]:
     count = 0
     try:
         with open(tmp, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)  # fixed mtime: reproducible bytes
+            writer = wds.TarWriter(f, encoder=False, mtime=0)  # int mtime: reproducible, no PAX header per member
             for k, item in enumerate(items):
                 try:
                     data, ext = load_image_bytes(item, opts)
