@@ -191,3 +191,14 @@ def _png(i: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (i * 30 % 255, 0, 0)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_sequence_by_path_folder_and_errors(world, tmp_path):
+    assert load_sequence(world, world / "sequence.yaml").name == "synthetic"
+    assert load_sequence(world, str(world) + "/").task_names == ["shapes", "digits"]  # a folder holding one
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nkind: something\ntasks: [shapes]\n")
+    with pytest.raises(DataError, match="kind 'something'"):
+        load_sequence(world, bad)
+    with pytest.raises(DataError, match="does not exist"):
+        load_sequence(world, tmp_path / "absent.yaml")

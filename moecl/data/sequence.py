@@ -64,9 +64,10 @@ def _read_yaml(path: Path) -> dict:
 def resolve_sequence(root: str | Path, sequence: str | Path) -> Path:
     """Find the YAML file of a sequence given as a path, the root's own file, or a shipped name."""
     candidate = Path(sequence)
-    if candidate.is_dir():
+    looks_like_path = candidate.suffix in (".yaml", ".yml") or "/" in str(sequence) or candidate.is_file()
+    if looks_like_path and candidate.is_dir():
         candidate = candidate / "sequence.yaml"
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+    if looks_like_path:
         if not candidate.is_file():
             raise DataError(f"sequence file {candidate} does not exist")
         return candidate
