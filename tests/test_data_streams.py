@@ -202,3 +202,25 @@ def test_sequence_by_path_folder_and_errors(world, tmp_path):
         load_sequence(world, bad)
     with pytest.raises(DataError, match="does not exist"):
         load_sequence(world, tmp_path / "absent.yaml")
+
+
+def test_slot_assignment_arithmetic_matches_brute_force():
+    import random
+    from moecl.data.streams import _Assignment
+    rng = random.Random(0)
+    for _ in range(300):
+        counts = [rng.randint(0, 9) for _ in range(rng.randint(1, 7))]
+        slots = rng.randint(1, 9)
+        cap = rng.choice([None, rng.randint(1, 40)])
+        a = _Assignment(counts, len(counts), slots, cap)
+        owners = collections.Counter()
+        for slot in range(slots):
+            kept = [(i, j) for i in a.shards_for(slot) for j in range(counts[i]) if a.keeps(slot, i, j)]
+            owners.update(kept)
+            assert a.expected(slot) == len(kept)
+            for i in range(len(counts)):
+                start = rng.randint(0, counts[i])
+                assert a.kept_between(slot, i, start, counts[i]) == sum(
+                    1 for (s, j) in kept if s == i and j >= start)
+        total = sum(counts) if cap is None else min(sum(counts), cap)
+        assert len(owners) == total and set(owners.values()) <= {1}

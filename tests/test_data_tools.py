@@ -136,3 +136,16 @@ def test_module_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "data_tools", "verify", str(tmp_path)], capture_output=True,
                        text=True, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 1 and "no task.json" in r.stderr
+
+
+def test_cli_folder_and_errors(tmp_path, capsys):
+    src = _tree(tmp_path / "src")
+    rc = main(["folder", str(src), "--out", str(tmp_path / "out"), "--task", "cli", "--shard-size", "2",
+               "--template", "a {} leaf.", "--eval-template", "a {} leaf.", "--eval-template", "the {} tree.",
+               "--no-progress", "--workers", "2"])
+    assert rc == 0
+    task = read_task(tmp_path / "out" / "cli")
+    assert task.eval_templates == ["a {} leaf.", "the {} tree."] and len(task.urls("train")) == 4
+    assert main(["cil", "cifar100", "--src", str(tmp_path), "--out", str(tmp_path / "c"), "--steps", "7"]) == 2
+    assert "7 equal steps" in capsys.readouterr().err
+    assert main(["folder", str(src), "--out", str(tmp_path / "o"), "--template", "no placeholder"]) == 2
