@@ -1,0 +1,193 @@
+"""``moecl eval`` (re-evaluate a checkpoint, also on other shards) and ``moecl report`` (regenerate reports).
+
+``moecl eval RUN`` loads the run's latest valid task-end checkpoint (or ``--checkpoint``) in one process and
+scores every test set of the sequence (or of ``--data-root`` / ``--sequence``) in each configured mode:
+oracle (task id given), agnostic (DDAS per sample) and, with ``eval.reference_ddas=true``, the reference DDAS
+(per batch, fixed threshold). That is the trainer's last accuracy-matrix row, computed again. It writes
+``RUN/eval/<name>/results.json`` and one CLIP_benchmark-style JSON per (mode, dataset) under
+``RUN/eval/<name>/clip_benchmark/``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .loading import LoadedRun, load_run
+
+EVAL_DIR = "eval"
+METHOD_NAMES = {"moe-adapters": "moecl", "full-ft": "continual-ft", "zero-shot": "zero-shot",
+                "dense-adapter": "dense-adapter"}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
+
+
+def default_eval_name(loaded: LoadedRun, data_root: Optional[str], sequence: Optional[str]) -> str:
+    """``task-001`` on the run's own data; ``task-001__<sequence>[__<root folder>]`` on other shards."""
+    parts = [loaded.checkpoint.name]
+    if sequence is not None or data_root is not None:
+        parts.append(_slug(loaded.sequence.name))
+    if data_root is not None:
+        parts.append(_slug(Path(data_root).resolve().name))
+    return "__".join(parts)
+
+
+@torch.no_grad()
+def evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
+    """Score every test set of ``loaded.sequence`` in every mode; the trainer's ``_evaluate_row`` for the
+    loaded checkpoint. Returns ``{"kind", "columns", "held_out", "route_names", "modes": {mode: {...}}}``."""
+    from .evaluator import Evaluator, cil_label_set, confusion_row, label_set
+
+    cfg, seq = loaded.cfg, loaded.sequence
+    ev = Evaluator(loaded.model, loaded.tokenizer, loaded.eval_tf, device=loaded.device,
+                   batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, autocast=loaded.autocast,
+                   max_samples=cfg.eval.max_samples)
+    trained = loaded.num_trained_tasks
+    num_routes = max(len(loaded.trained_task_names), trained)
+    route_names = [loaded.route_name(r) for r in range(num_routes)] + ["zero-shot"]
+    modes = loaded.eval_modes() if modes is None else modes
+    out: dict[str, Any] = {"kind": "cil" if cfg.eval.cil else "mtil", "route_names": route_names, "modes": {}}
+    if cfg.eval.cil:
+        seen = seq.tasks[:trained]
+        out["columns"], out["held_out"] = ["seen classes"], []
+    else:
+        columns = seq.all_tasks()
+        out["columns"], out["held_out"] = [t.name for t in columns], [t.name for t in seq.held_out]
+    for mode in modes:
+        tic = time.time()
+        if cfg.eval.cil:
+            labels = cil_label_set(seen, cfg.eval.templates)
+            correct = total = offset = 0
+            routes: dict[int, int] = {}
+            for task in seen:
+                r = ev.evaluate(task, labels, mode=mode.kind, oracle_route=loaded.route_of(task.name),
+                                selector=mode.selector, decision=mode.decision, label_offset=offset,
+                                trained=trained)
+                correct, total, offset = correct + r.correct, total + r.total, offset + task.num_classes
+                for k, v in r.routes.items():
+                    routes[k] = routes.get(k, 0) + v
+            from .evaluator import SetResult
+            results = [SetResult(correct, total, routes)]
+        else:
+            results = [ev.evaluate(task, label_set(task, cfg.eval.templates), mode=mode.kind,
+                                   oracle_route=loaded.route_of(task.name, held_out=j >= len(seq.tasks)),
+                                   selector=mode.selector, decision=mode.decision, trained=trained)
+                       for j, task in enumerate(columns)]
+        confusion = [confusion_row(r, num_routes) for r in results]
+        row = [r.accuracy for r in results]
+        out["modes"][mode.name] = {
+            "kind": mode.kind, "decision": mode.decision if mode.kind == "agnostic" else None,
+            "row": row, "accuracy": dict(zip(out["columns"], row)),
+            "correct": dict(zip(out["columns"], [r.correct for r in results])),
+            "samples": dict(zip(out["columns"], [r.total for r in results])),
+            "mean": sum(row) / max(len(row), 1),
+            "routing_confusion": confusion,
+            "routing": {c: {route_names[k]: n for k, n in enumerate(cr) if n}
+                        for c, cr in zip(out["columns"], confusion)},
+            "seconds": round(time.time() - tic, 3)}
+    return out
+
+
+def clip_benchmark_records(loaded: LoadedRun, results: dict[str, Any]):
+    """(file stem, record) per mode and dataset, in CLIP_benchmark's result layout (acc1 as a fraction)."""
+    method = METHOD_NAMES.get(loaded.method, loaded.method)
+    for mode, entry in results["modes"].items():
+        for name in results["columns"]:
+            record = {"dataset": name, "model": loaded.cfg.model.name, "pretrained": loaded.cfg.model.pretrained,
+                      "task": "zeroshot_classification", "metrics": {"acc1": entry["accuracy"][name] / 100.0},
+                      "language": "en",
+                      "moecl": {"method": method, "mode": mode, "after_task": loaded.num_trained_tasks,
+                                "checkpoint": str(loaded.checkpoint), "samples": entry["samples"][name],
+                                "held_out": name in results["held_out"], "routing": entry["routing"][name]}}
+            yield "__".join(_slug(p) for p in (method, mode, name)), record
+
+
+def results_table(results: dict[str, Any]) -> str:
+    from .report import format_table
+    cols = [c + ("*" if c in results["held_out"] else "") for c in results["columns"]]
+    modes = list(results["modes"])
+    rows = [results["modes"][m]["row"] + [results["modes"][m]["mean"]] for m in modes]
+    text = format_table(rows, modes, cols + ["mean"], corner="mode \\ test set (top-1 %)")
+    for m in modes:
+        if results["modes"][m]["kind"] != "agnostic":
+            continue
+        conf = results["modes"][m]["routing_confusion"]
+        pct = [[100.0 * n / max(sum(r), 1) for n in r] for r in conf]
+        text += "\n\n" + format_table(pct, cols, results["route_names"], corner=f"routing [{m}] (%)")
+    return text
+
+
+def write_results(loaded: LoadedRun, results: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> dict[str, Path]:
+    """results.json (everything, with the eval/ddas config) and clip_benchmark/*.json under ``out_dir``."""
+    from .report import _atomic_write, versions
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seq = loaded.sequence
+    doc = {"run": str(loaded.run_dir), "checkpoint": str(loaded.checkpoint),
+           "method": METHOD_NAMES.get(loaded.method, loaded.method), "num_trained_tasks": loaded.num_trained_tasks,
+           "trained_tasks": loaded.trained_task_names[: loaded.num_trained_tasks],
+           "sequence": {"name": seq.name, "path": str(seq.path) if seq.path else None,
+                        "root": str(seq.root) if seq.root else None},
+           **extra, **results,
+           "config": {"eval": loaded.cfg.eval.model_dump(mode="json"), "ddas": loaded.cfg.ddas.model_dump(mode="json"),
+                      "model": loaded.cfg.model.model_dump(mode="json")},
+           "device": str(loaded.device), "versions": versions()}
+    written = {"results": out_dir / "results.json"}
+    _atomic_write(written["results"], json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    bench = out_dir / "clip_benchmark"
+    bench.mkdir(exist_ok=True)
+    for stem, record in clip_benchmark_records(loaded, results):
+        path = bench / f"{stem}.json"
+        _atomic_write(path, json.dumps(record, indent=2) + "\n")
+        written[f"clip_benchmark/{stem}"] = path
+    return written
+
+
+def evaluate_run(run: str | Path, checkpoint: Optional[str] = None, data_root: Optional[str] = None,
+                 sequence: Optional[str] = None, overrides: Optional[list[str]] = None, name: Optional[str] = None,
+                 device: str = "auto") -> tuple[dict[str, Any], dict[str, Path]]:
+    """Python form of ``moecl eval``: returns (results, written files)."""
+    tic = time.time()
+    loaded = load_run(run, checkpoint, device, data_root=data_root, sequence=sequence, overrides=overrides)
+    results = evaluate_loaded(loaded)
+    name = name or default_eval_name(loaded, data_root, sequence)
+    out_dir = Path(run) / EVAL_DIR / _slug(name)
+    written = write_results(loaded, results, out_dir, {"name": name, "overrides": list(overrides or []),
+                                                       "wall_time_s": round(time.time() - tic, 3)})
+    return results, written
+
+
+def run_eval(args) -> int:
+    results, written = evaluate_run(args.run, getattr(args, "checkpoint", None), getattr(args, "data_root", None),
+                                    getattr(args, "sequence", None), getattr(args, "overrides", None) or [],
+                                    name=getattr(args, "name", None), device=getattr(args, "device", None) or "auto")
+    doc = json.loads(written["results"].read_text())
+    print(f"{doc['checkpoint']}: {doc['method']} after {doc['num_trained_tasks']} task(s), "
+          f"sequence {doc['sequence']['name']} ({doc['sequence']['root']})")
+    print(results_table(results))
+    if results["held_out"]:
+        print("* held-out set (never trained on)")
+    print(f"wrote {written['results']} and {len(written) - 1} CLIP_benchmark file(s) in "
+          f"{written['results'].parent / 'clip_benchmark'}")
+    return 0
+
+
+def run_report(args) -> int:
+    from .report import CLIP_BENCHMARK_DIR, PLOTS_DIR, REPORT_JSON, REPORT_MD, regenerate, summary_table
+    run = Path(args.run)
+    report = regenerate(run)
+    print(summary_table(report))
+    files = [run / REPORT_JSON, run / REPORT_MD]
+    files += sorted((run / PLOTS_DIR).glob("*.png")) if (run / PLOTS_DIR).is_dir() else []
+    bench = sorted((run / CLIP_BENCHMARK_DIR).glob("*.json")) if (run / CLIP_BENCHMARK_DIR).is_dir() else []
+    print("wrote:")
+    for f in files:
+        print(f"  {f}")
+    if bench:
+        print(f"  {run / CLIP_BENCHMARK_DIR}/ ({len(bench)} CLIP_benchmark file(s))")
+    return 0

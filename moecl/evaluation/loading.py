@@ -1,0 +1,258 @@
+"""Load a trained run for evaluation or prediction in one plain process (no torch.distributed needed).
+
+``load_run(RUN)`` rebuilds exactly the model the trainer evaluated at its latest task end (or at a given
+checkpoint): the run's own config, the backbone (a random-init backbone is rebuilt from ``train.seed`` the
+way the trainer built it), the adapter state (expert-parallel-size independent: loaded at ``ep_size=1``),
+the full fine-tuned backbone of the ``full-ft`` baseline and the DDAS selector. It also carries what
+scoring needs: tokenizer, eval transform, autocast, the test sequence (the run's own, or other shards) and
+the routing rules the trainer used (``oracle_route``, ``eval_modes``), so ``moecl eval`` reproduces the
+trainer's accuracy-matrix rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+
+from ..config import Config, ConfigError, load_config, parse_overrides
+from ..errors import CheckpointError, DataError
+
+log = logging.getLogger("moecl")
+
+ZERO_SHOT = -1
+EVAL_OVERRIDE_SECTIONS = ("eval", "ddas")
+
+
+@dataclass
+class EvalMode:
+    """One way of routing test images: ``kind`` oracle (task id given) or agnostic (DDAS)."""
+    name: str  # oracle | agnostic | agnostic-reference
+    kind: str  # oracle | agnostic
+    selector: Any = None  # DDASSelector for agnostic kinds
+    decision: str = "sample"  # DDAS decision: per sample or per batch (reference)
+
+
+@dataclass
+class LoadedRun:
+    """A run's checkpoint, ready to score images (model in eval mode, on ``device``)."""
+    run_dir: Path
+    cfg: Config
+    model: Any  # MoECLIP
+    selector: Any  # DDASSelector or None
+    sequence: Any  # moecl.data.Sequence to evaluate on / take class names from
+    tokenizer: Any
+    eval_tf: Callable
+    checkpoint: Path
+    num_trained_tasks: int
+    trained_task_names: list[str]  # the run's own training tasks 0..num_trained_tasks-1 (route ids)
+    device: torch.device
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    trainer_state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.cfg.train.method
+
+    def route_of(self, task_name: str, held_out: bool = False) -> int:
+        """The oracle route of a test set named ``task_name`` (the trainer's rule, matched by task name):
+        moe-adapters: its router when it is a trained task, else zero-shot; dense-adapter: the adapter for
+        sequence tasks; full-ft / zero-shot: the (fine-tuned or plain) backbone, -1."""
+        if held_out:
+            return ZERO_SHOT
+        if self.method == "moe-adapters":
+            names = self.trained_task_names[: self.num_trained_tasks]
+            return names.index(task_name) if task_name in names else ZERO_SHOT
+        if self.method == "dense-adapter":
+            return 0 if self.num_trained_tasks > 0 else ZERO_SHOT
+        return ZERO_SHOT
+
+    def route_name(self, route: int) -> str:
+        """A route id as people read it: the task name, or ``zero-shot``."""
+        if route < 0:
+            return "zero-shot"
+        if self.method == "dense-adapter":
+            return "adapter"
+        if route < len(self.trained_task_names):
+            return self.trained_task_names[route]
+        return f"task {route}"
+
+    def eval_modes(self) -> list[EvalMode]:
+        """Every evaluation mode of this run (the trainer's ``eval_modes`` on the loaded state)."""
+        return eval_modes(self.cfg, self.selector)
+
+
+def eval_modes(cfg: Config, selector: Any) -> list[EvalMode]:
+    """oracle / agnostic / agnostic-reference as ``cfg`` configures them (non-MoE methods: oracle only)."""
+    if cfg.train.method != "moe-adapters":
+        return [EvalMode("oracle", "oracle")]
+    have_ddas = cfg.ddas.enabled and selector is not None and selector.num_tasks > 0
+    modes = []
+    for mode in cfg.eval.modes:
+        if mode == "oracle":
+            modes.append(EvalMode("oracle", "oracle"))
+        elif have_ddas:
+            modes.append(EvalMode("agnostic", "agnostic", selector, cfg.ddas.decision))
+    if cfg.eval.reference_ddas and have_ddas:
+        modes.append(EvalMode("agnostic-reference", "agnostic", fixed_threshold(selector, cfg.ddas.fixed_threshold),
+                              "batch"))
+    return modes
+
+
+def fixed_threshold(selector: Any, threshold: float) -> Any:
+    """The same autoencoders with one hand-set threshold for every task (the reference setting)."""
+    from ..ddas import DDASSelector
+    tensors, meta = selector.to_state()
+    meta = dict(meta, thresholds=[float(threshold)] * len(meta["thresholds"]))
+    return DDASSelector.from_state(tensors, meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def resolve_checkpoint(run_dir: Path, checkpoint: Optional[str | Path] = None) -> Path:
+    """The checkpoint folder to load: the given one (a path, or a name under RUN/checkpoints), or the latest
+    valid task-end checkpoint. Verified against its manifest; a CheckpointError names the folder otherwise."""
+    from ..train import checkpoint as ckpt
+    if checkpoint is None:
+        path = ckpt.latest_valid(run_dir, kind="task")
+        if path is None:
+            found = [p.name for p in ckpt.list_checkpoints(run_dir)]
+            what = (f"none of {', '.join(found)} is a complete task-end checkpoint" if found
+                    else "it holds no checkpoints")
+            raise CheckpointError(f"no valid task-end checkpoint in {run_dir / 'checkpoints'}: {what} (has the "
+                                  "run finished its first task? pass --checkpoint to choose one)")
+        return path
+    path = Path(checkpoint)
+    if not path.is_dir() and (run_dir / "checkpoints" / str(checkpoint)).is_dir():
+        path = run_dir / "checkpoints" / str(checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist (checkpoints of {run_dir}: "
+                              + (", ".join(p.name for p in ckpt.list_checkpoints(run_dir)) or "none") + ")")
+    problem = ckpt.verify(path)
+    if problem:
+        raise CheckpointError(f"{path} is not a valid checkpoint: {problem}")
+    return path
+
+
+def run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> Config:
+    """The run's resolved ``config.yaml``, with eval-time overrides (``eval.*`` and ``ddas.*`` only)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a moecl run folder: {path} does not exist")
+    overrides = list(overrides or [])
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.split(".", 1)[0] not in EVAL_OVERRIDE_SECTIONS:
+            raise ConfigError(f"override '{item}': only eval.* and ddas.* can change when evaluating a trained run "
+                              f"(the model, data and training settings are the run's own, from {path})")
+    parse_overrides(overrides)  # unknown keys fail here, naming the key
+    return load_config(path, overrides)
+
+
+def _trained_task_names(run_dir: Path, cfg: Config) -> list[str]:
+    """Names of the run's training tasks, in order (route id = position): from its sequence file, else from
+    report.json (the data may have moved since training)."""
+    from ..data import resolve_sequence
+    try:
+        data = yaml.safe_load(resolve_sequence(cfg.data.root, cfg.data.sequence).read_text())
+        return [str(t) for t in data["tasks"]]
+    except (DataError, OSError, KeyError, TypeError, yaml.YAMLError):
+        pass
+    report = run_dir / "report.json"
+    if report.is_file():
+        return [str(t) for t in json.loads(report.read_text()).get("tasks", [])]
+    raise DataError(f"cannot tell which tasks {run_dir} was trained on: its sequence {cfg.data.sequence!r} "
+                    f"(data.root {cfg.data.root}) cannot be read and it has no report.json")
+
+
+def _autocast(cfg: Config, device: torch.device) -> Callable[[], Any]:
+    if device.type != "cuda" or cfg.runtime.precision == "fp32":
+        return contextlib.nullcontext
+    dtype: Optional[torch.dtype] = torch.bfloat16 if cfg.runtime.precision == "bf16" else None
+    if dtype is None:
+        try:
+            from ..train.engine import autocast_dtype, ds_config
+            dtype = autocast_dtype(ds_config(cfg, 1, device))
+        except ConfigError:
+            dtype = torch.bfloat16
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def build_run_model(cfg: Config, device: torch.device):
+    """The run's model before loading any checkpoint: built as the trainer built it (same seed first, so a
+    randomly initialised backbone comes out identical), at expert-parallel size 1."""
+    from ..model import build_model
+    from ..train.loop import ADAPTER_METHOD
+    moe = cfg.moe.model_copy(update={"ep_size": 1})
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stays untouched
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, moe, ADAPTER_METHOD[cfg.train.method])
+    return model.to(device).eval()
+
+
+def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, device: str | torch.device = "auto", *,
+             data_root: Optional[str | Path] = None, sequence: Optional[str | Path] = None,
+             overrides: Optional[list[str]] = None, load_sequence_data: bool = True) -> LoadedRun:
+    """Load RUN's latest valid task-end checkpoint (or ``checkpoint``) for evaluation in this process.
+
+    ``data_root`` / ``sequence`` choose other shards to evaluate on (default: the run's own);
+    ``overrides`` are ``eval.*`` / ``ddas.*`` settings. ``device``: auto (GPU when present), cpu, cuda[:i].
+    """
+    from ..data import load_sequence, make_transforms
+    from ..ddas import DDASSelector
+    from ..model import image_size_of, tokenizer_for
+    from ..model.state import load_adapter_state
+    from ..runtime import configure_accelerator_env, pick_device
+
+    configure_accelerator_env()
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    cfg = run_config(run_dir, overrides)
+    path = resolve_checkpoint(run_dir, checkpoint)
+    dev = pick_device(device) if isinstance(device, str) and device in ("auto", "cpu", "cuda") else torch.device(device)
+    trainer_json = path / "trainer.json"
+    state = json.loads(trainer_json.read_text()) if trainer_json.is_file() else {}
+    if state and not state.get("task_end", True):
+        log.warning("%s is a mid-task checkpoint: the current task's router is only partly trained", path)
+    progress = state.get("progress", {})
+
+    model = build_run_model(cfg, dev)
+    meta: dict[str, Any] = {}
+    if (path / "adapters").is_dir():
+        meta = load_adapter_state(model, path / "adapters")
+    if (path / "backbone.safetensors").is_file():
+        from safetensors.torch import load_file
+        model.clip.load_state_dict(load_file(str(path / "backbone.safetensors"), device=str(dev)))
+    model.eval()
+    selector = None
+    if (path / "ddas.safetensors").is_file() and (path / "ddas.json").is_file():
+        from safetensors.torch import load_file
+        selector = DDASSelector.from_state(load_file(str(path / "ddas.safetensors")),
+                                           json.loads((path / "ddas.json").read_text())).to(dev)
+        if cfg.ddas.threshold == "fixed":  # an eval-time ddas.threshold=fixed override
+            selector = fixed_threshold(selector, cfg.ddas.fixed_threshold).to(dev)
+    if "task" in progress:  # task-end checkpoints store the next task to train = tasks finished
+        trained = int(progress["task"])
+    else:
+        trained = int(meta.get("num_tasks", 0))
+
+    seq = None
+    if load_sequence_data:
+        seq = load_sequence(data_root if data_root is not None else cfg.data.root,
+                            sequence if sequence is not None else cfg.data.sequence)
+    names = _trained_task_names(run_dir, cfg) if (sequence is not None or data_root is not None or seq is None) \
+        else seq.task_names
+    pcfg = getattr(model.clip.visual, "preprocess_cfg", {}) or {}
+    _, eval_tf = make_transforms(image_size_of(model.clip), cfg.data.train_crop_scale,
+                                 mean=pcfg.get("mean"), std=pcfg.get("std"))
+    return LoadedRun(run_dir=run_dir, cfg=cfg, model=model, selector=selector, sequence=seq,
+                     tokenizer=tokenizer_for(cfg.model), eval_tf=eval_tf, checkpoint=path, num_trained_tasks=trained,
+                     trained_task_names=names, device=dev, autocast=_autocast(cfg, dev), trainer_state=state)
