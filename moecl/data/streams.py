@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import random
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -441,6 +442,9 @@ def eval_batches(task: TaskInfo, split: str = "test", *, batch_size: int, rank: 
         expected = sum(per_slot[rank * per_rank:(rank + 1) * per_rank])
         planned = max(sum(math.ceil(per_slot[r * per_rank + w] / batch_size) for w in range(per_rank))
                       for r in range(world_size))
+    elif equal_batches and world_size > 1:
+        log.warning("%s: task.json has no per-shard counts, so equal_batches cannot pad ranks to the same "
+                    "number of batches; rebuild the task with python -m data_tools", where)
     total = task.counts.get(split)
     if max_samples is not None and total is not None:
         total = min(total, max_samples)
@@ -461,7 +465,6 @@ def pretrain_batches(root: str, *, batch_size: int, rank: int = 0, world_size: i
     ``root`` is the world folder (holding ``pretrain/``) or the pretrain task folder itself; each sample's
     caption is drawn (seeded) from the captions stored with it.
     """
-    from pathlib import Path
     _check_common(batch_size, rank, world_size, workers)
     base = Path(root)
     task_dir = base / "pretrain" if (base / "pretrain" / "task.json").is_file() else base
