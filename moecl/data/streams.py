@@ -32,6 +32,7 @@ from .task import TaskInfo, read_task
 log = logging.getLogger("moecl.data")
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
+_WARNED: set = set()  # (stream, slots) already warned about, so a per-task eval loop logs it once
 
 
 def _seed(*parts: Any) -> int:
@@ -432,7 +433,8 @@ def eval_batches(task: TaskInfo, split: str = "test", *, batch_size: int, rank: 
     per_rank = max(workers, 1)
     slots = world_size * per_rank
     assign = _Assignment(counts, len(urls), slots, max_samples)
-    if assign.mode == "sample":
+    if assign.mode == "sample" and (where, slots) not in _WARNED:
+        _WARNED.add((where, slots))
         log.warning("%s: %d shard(s) for %d rank(s) x %d worker(s): every loader reads every shard and keeps "
                     "every %d-th sample (write more, smaller shards to avoid the extra reading)",
                     where, len(urls), world_size, per_rank, slots)
