@@ -1,0 +1,247 @@
+"""``moecl predict`` and the Python :class:`Predictor`: per image, the route taken and the top-k labels.
+
+The route is decided per sample, so an image gets the same route and the same labels alone or in any batch:
+DDAS reads the image's plain-CLIP features and sends it to the task whose autoencoder reconstructs it (under
+that task's threshold), otherwise to zero-shot (the untouched CLIP). ``task=NAME`` forces that task's route
+(zero-shot for a held-out or not yet trained task). Probabilities are ``softmax(logit_scale.exp() * cos)``
+over the label set, whose class embeddings come from prompt-template ensembles through the text adapters of
+the same route.
+
+Label sets: the given open vocabulary (templates: the routed task's ensemble, ``a photo of a {}.`` for
+zero-shot); else the named task's class names; else the class names of the routed task, and for zero-shot
+images every class of every task of the sequence (held-out tasks included), each with its own task's prompts.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from ..errors import DataError
+from .loading import ZERO_SHOT, LoadedRun, load_run
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".gif", ".tif", ".tiff")
+OPEN_VOCAB_TEMPLATES = ("a photo of a {}.",)
+ImageInput = Union[Image.Image, str, Path]
+
+
+def find_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files named directly, or found recursively (by suffix, sorted) in the given folders."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DataError(f"folder {p} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            found.extend(files)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise DataError(f"image path {p} does not exist")
+    return found
+
+
+def _labels_key(labels: Sequence[str], templates: Sequence[str]) -> str:
+    return "open:" + hashlib.sha256(json.dumps([list(labels), list(templates)]).encode()).hexdigest()[:16]
+
+
+class Predictor:
+    """A trained run's checkpoint as a classifier: ``Predictor(RUN).predict([img, "x.png"], labels=[...])``."""
+
+    def __init__(self, run_dir: str | Path, checkpoint: Optional[str | Path] = None, device: str = "auto", *,
+                 data_root: Optional[str | Path] = None, sequence: Optional[str | Path] = None,
+                 batch_size: Optional[int] = None, loaded: Optional[LoadedRun] = None):
+        from .evaluator import Evaluator
+        self.run = loaded or load_run(run_dir, checkpoint, device, data_root=data_root, sequence=sequence)
+        self.batch_size = int(batch_size or self.run.cfg.eval.batch_size)
+        self._ev = Evaluator(self.run.model, self.run.tokenizer, self.run.eval_tf, device=self.run.device,
+                             batch_size=self.batch_size, autocast=self.run.autocast)
+        self._union: dict[int, tuple[torch.Tensor, list[str]]] = {}
+
+    # ---- label sets --------------------------------------------------------------------------------------
+    @property
+    def sequence(self):
+        return self.run.sequence
+
+    def _task_labels(self, name: str):
+        from .evaluator import label_set
+        return label_set(self.sequence.task(name), self.run.cfg.eval.templates)
+
+    def _routed_task(self, route: int) -> Optional[str]:
+        """The sequence task whose class names a routed image is scored against (moe-adapters routes only)."""
+        if route < 0 or self.run.method != "moe-adapters" or route >= len(self.run.trained_task_names):
+            return None
+        return self.run.trained_task_names[route]
+
+    def _all_classes(self, route: int) -> tuple[torch.Tensor, list[str]]:
+        """Every class of every task (+ held out), each embedded with its own task's prompts, through ``route``."""
+        if route not in self._union:
+            tasks = self.sequence.all_tasks()
+            heads = [self._ev.head(self._task_labels(t.name), route) for t in tasks]
+            names = [c for t in tasks for c in t.classnames]
+            owners = [t.name for t in tasks for _ in t.classnames]
+            dup = {n for n in names if names.count(n) > 1}
+            names = [f"{n} ({o})" if n in dup else n for n, o in zip(names, owners)]
+            self._union[route] = (torch.cat(heads, dim=1), names)
+        return self._union[route]
+
+    def head(self, route: int, labels: Optional[Sequence[str]], task: Optional[str],
+             templates: Optional[Sequence[str]]) -> tuple[torch.Tensor, list[str], str]:
+        """(class embeddings [D, C], label names, where the labels came from) for images on ``route``."""
+        from .evaluator import LabelSet
+        if labels is not None:
+            source_task = task or self._routed_task(route)
+            tpl = list(templates) if templates else (self._task_labels(source_task).templates if source_task
+                                                      else list(OPEN_VOCAB_TEMPLATES))
+            ls = LabelSet(_labels_key(labels, tpl), list(labels), tpl)
+            return self._ev.head(ls, route), list(labels), "open vocabulary"
+        name = task or self._routed_task(route)
+        if name is not None:
+            ls = self._task_labels(name)
+            if templates:
+                ls = LabelSet(_labels_key(ls.classnames, templates), ls.classnames, list(templates))
+            return self._ev.head(ls, route), list(ls.classnames), f"task {name}"
+        w, names = self._all_classes(route)
+        return w, names, "all classes"
+
+    # ---- routing -----------------------------------------------------------------------------------------
+    def forced_route(self, task: str) -> int:
+        seq = self.sequence
+        seq.task(task)  # a DataError listing the tasks when there is no such task
+        return self.run.route_of(task, held_out=task in [t.name for t in seq.held_out])
+
+    def routes(self, plain: torch.Tensor, task: Optional[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Route per image (DDAS per sample unless ``task`` forces one) and the DDAS errors [N, T] if used."""
+        n, dev = plain.shape[0], plain.device
+        if task is not None:
+            return torch.full((n,), self.forced_route(task), dtype=torch.long, device=dev), None
+        sel = self.run.selector
+        if self.run.method == "moe-adapters" and self.run.cfg.ddas.enabled and sel is not None and sel.num_tasks:
+            errors = sel.errors(plain)
+            return sel.select(plain, decision="sample").to(dev), errors
+        route = 0 if self.run.method == "dense-adapter" and self.run.num_trained_tasks else ZERO_SHOT
+        return torch.full((n,), route, dtype=torch.long, device=dev), None
+
+    # ---- prediction --------------------------------------------------------------------------------------
+    def _load(self, image: ImageInput) -> tuple[torch.Tensor, str]:
+        from ..data import open_image
+        if isinstance(image, Image.Image):
+            return self.run.eval_tf(image.convert("RGB")), str(getattr(image, "filename", "") or "")
+        return self.run.eval_tf(open_image(image)), str(image)
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[ImageInput], labels: Optional[Sequence[str]] = None,
+                task: Optional[str] = None, top: int = 5,
+                templates: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+        """Per image: ``{"image", "route", "route_id", "labels_from", "top": [{"label", "probability"}...],
+        "ddas_error"?}``. ``labels``: an open vocabulary; ``task``: route through that task and (without
+        ``labels``) score its class names; neither: DDAS routes each image and it is scored against its
+        routed task's classes (zero-shot: all classes of the sequence)."""
+        if labels is not None:
+            labels = [str(l).strip() for l in labels if str(l).strip()]
+            if not labels:
+                raise ValueError("labels is empty: give at least one label name")
+        if top < 1:
+            raise ValueError(f"top must be >= 1, got {top}")
+        if task is not None:
+            self.forced_route(task)
+        model, run = self.run.model, self.run
+        scale = model.logit_scale.exp().float()
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(images), self.batch_size):
+            loaded = [self._load(img) for img in images[start:start + self.batch_size]]
+            x = torch.stack([t for t, _ in loaded]).to(run.device)
+            with run.autocast():
+                plain = model.encode_image(x, ZERO_SHOT, normalize=True).float()
+                routes, errors = self.routes(plain, task)
+                feats = (model.encode_image(x, routes, normalize=True).float() if bool((routes >= 0).any())
+                         else plain)
+            rows: list[Optional[dict[str, Any]]] = [None] * len(loaded)
+            for r in routes.unique().tolist():
+                idx = (routes == r).nonzero().flatten()
+                w, names, source = self.head(int(r), labels, task, templates)
+                probs = (scale * feats[idx] @ w.to(feats.dtype)).softmax(dim=-1)
+                p, k = probs.topk(min(top, len(names)), dim=-1)
+                for i, pi, ki in zip(idx.tolist(), p.tolist(), k.tolist()):
+                    rows[i] = {"image": loaded[i][1] or f"<image {start + i}>", "route": run.route_name(int(r)),
+                               "route_id": int(r), "labels_from": source,
+                               "top": [{"label": names[c], "probability": float(q)} for q, c in zip(pi, ki)]}
+                    if errors is not None:
+                        rows[i]["ddas_error"] = {run.route_name(t): float(e) for t, e in enumerate(errors[i].tolist())}
+            out.extend(rows)  # type: ignore[arg-type]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files and the command line
+
+def write_json(results: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def write_csv(results: list[dict[str, Any]], path: str | Path, top: int) -> Path:
+    """One row per image: image, route, then label_i / probability_i for i = 1..top."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = ["image", "route", "labels_from"]
+    for i in range(1, top + 1):
+        header += [f"label_{i}", f"probability_{i}"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in results:
+            cells = [r["image"], r["route"], r["labels_from"]]
+            for t in r["top"]:
+                cells += [t["label"], f"{t['probability']:.6f}"]
+            w.writerow(cells + [""] * (len(header) - len(cells)))
+    return path
+
+
+def format_predictions(results: list[dict[str, Any]], top: int) -> str:
+    from .report import format_table
+    cols = ["route"] + [f"#{i}" for i in range(1, top + 1)]
+    rows = [[r["route"]] + [f"{t['label']} {100 * t['probability']:.1f}%" for t in r["top"]] for r in results]
+    names = [r["image"] for r in results]
+    common = _common_parent(names)
+    if common:
+        names = [n[len(common):] for n in names]
+    return format_table(rows, names, cols, corner=f"image ({common})" if common else "image")
+
+
+def _common_parent(names: list[str]) -> str:
+    import os
+    paths = [n for n in names if not n.startswith("<")]
+    if len(paths) != len(names) or len(paths) < 2:
+        return ""
+    common = os.path.commonpath(paths)
+    return common.rstrip(os.sep) + os.sep if common and common != os.sep else ""
+
+
+def run_predict(args) -> int:
+    images = find_images(args.images)
+    labels = [l.strip() for l in args.labels.split(",") if l.strip()] if getattr(args, "labels", None) else None
+    if getattr(args, "labels", None) is not None and not labels:
+        raise DataError("--labels is empty: give comma-separated label names, e.g. --labels \"cat,dog\"")
+    top = int(getattr(args, "top", 5) or 5)
+    predictor = Predictor(args.run, getattr(args, "checkpoint", None), getattr(args, "device", None) or "auto")
+    results = predictor.predict(images, labels=labels, task=getattr(args, "task", None), top=top)
+    print(format_predictions(results, top))
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["route"]] = counts.get(r["route"], 0) + 1
+    print(f"{len(results)} image(s); routes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+          file=sys.stderr)
+    if getattr(args, "json", None):
+        print(f"wrote {write_json(results, args.json)}")
+    if getattr(args, "csv", None):
+        print(f"wrote {write_csv(results, args.csv, top)}")
+    return 0
