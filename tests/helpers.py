@@ -32,3 +32,33 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> sub
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def build_world(out: Path, domains: str = "shapes,digits,colors", held_out: int = 1, train: int = 16,
+                test: int = 8) -> Path:
+    """A tiny synthetic world (a few seconds)."""
+    cmd = [sys.executable, "-m", "data_tools", "synthetic", "--out", str(out), "--domains", domains,
+           "--held-out", str(held_out), "--train-per-class", str(train), "--test-per-class", str(test),
+           "--pretrain-per-class", "0", "--no-progress"]
+    subprocess.run(cmd, env=cpu_env(), check=True, capture_output=True, cwd=ROOT, timeout=300)
+    return out
+
+
+def train_cmd(run: Path, world: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
+              config: str = "tiny") -> list[str]:
+    base = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", "-m", "moecl"] if nproc > 1 else [sys.executable, "-m", "moecl"]
+    cmd = base + ["train", "--config", config, "--out", str(run), f"data.root={world}",
+                  f"data.sequence={world / 'sequence.yaml'}", *overrides]
+    if resume:
+        cmd += ["--resume", resume]
+    return cmd
+
+
+def run_train(run: Path, world: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
+              timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(run, world, *overrides, nproc=nproc, resume=resume), env=cpu_env(),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"moecl train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc

@@ -55,4 +55,8 @@ class GroupedExperts(Experts):
         b_up = torch.stack([ex.up.bias for ex in experts]).unsqueeze(1)  # [e, 1, d]
         h = first.dropout(F.relu(torch.bmm(x, w_down.to(x.dtype)) + b_down.to(x.dtype)))
         y = (torch.bmm(h, w_up.to(h.dtype)) + b_up.to(h.dtype)) * scale
+        if torch.is_grad_enabled() and not y.requires_grad:
+            # Every local expert frozen and the input constant: without this, autograd would skip the
+            # all-to-all's backward on this rank but not on ranks with trainable experts (a collective mismatch).
+            y.requires_grad_()
         return y.reshape(e, g, c, m).transpose(0, 1)

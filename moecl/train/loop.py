@@ -443,19 +443,20 @@ class ContinualTrainer:
             self.selector = DDASSelector.from_state(load_file(str(path / "ddas.safetensors")),
                                                     json.loads((path / "ddas.json").read_text()))
         self._resume_path = path if not state["task_end"] else None
-        if self._resume_path is not None:
-            rng = ckpt.load_nested(path, f"rng-rank{self.info.rank}")
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
         if self.is_main:
             log.info("resumed from %s (task %d, step %d)", path, self.progress.task, self.progress.step)
 
     def _load_optimizer(self, optimizer) -> None:
+        """Mid-task resume: optimizer state, then the RNG exactly as it was when the checkpoint was taken."""
         path = getattr(self, "_resume_path", None)
         if path is None:
             raise CheckpointError("internal: mid-task resume without a checkpoint")
         optimizer.load_state_dict(ckpt.load_nested(path, f"optimizer-rank{self.info.rank}"))
+        rng = ckpt.load_nested(path, f"rng-rank{self.info.rank}")
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        self._resume_path = None
 
     # ---- report ----------------------------------------------------------------------------------------
     def _report(self) -> dict[str, Any]:

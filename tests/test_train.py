@@ -1,0 +1,115 @@
+"""`moecl train` end to end on CPU: real processes, real DeepSpeed engines, real WebDataset shards."""
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import ROOT, build_world, cpu_env, run_train, train_cmd
+from moecl.train.checkpoint import latest_valid, list_checkpoints, verify
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world") / "w")
+
+
+def _adapters(ckpt_dir):
+    return load_file(str(ckpt_dir / "adapters" / "adapters.safetensors"))
+
+
+def _check_run_folder(run, num_tasks=2):
+    assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
+    ckpts = list_checkpoints(run)
+    assert [p.name for p in ckpts if p.name.startswith("task-")] == [f"task-{i:03d}" for i in range(num_tasks)]
+    assert all(verify(p) is None for p in ckpts)
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    report = json.loads((run / "report.json").read_text())
+    entry = report["methods"]["moecl"]
+    for mode in ("oracle", "agnostic"):
+        m = entry[mode]["matrix"]
+        assert len(m) == num_tasks and all(len(r) == num_tasks + 1 for r in m)  # + 1 held-out column
+        assert set(entry[mode]["metrics"]) >= {"transfer", "avg", "last"}
+    assert (run / "report.md").is_file()
+    return report
+
+
+def test_single_process_run_keeps_old_routers_and_frozen_experts(world, tmp_path):
+    run = tmp_path / "run"
+    run_train(run, world, "train.iterations=3")
+    _check_run_folder(run)
+    a0, a1 = _adapters(run / "checkpoints" / "task-000"), _adapters(run / "checkpoints" / "task-001")
+    routers0 = [k for k in a0 if ".router.0" in k or ".noise.0" in k]
+    assert routers0 and all(torch.equal(a0[k], a1[k]) for k in routers0), "router 0 changed in task 1"
+    assert any(not torch.equal(a1[k.replace(".0", ".1")], torch.zeros_like(a1[k])) for k in routers0 if ".router." in k)
+    frozen0 = {k.rsplit(".", 1)[0]: a0[k].bool() for k in a0 if k.endswith(".frozen")}
+    checked = 0
+    for site, mask in frozen0.items():
+        assert int(mask.sum()) == 2  # activate-freeze: top-2 per block
+        for gid in mask.nonzero().flatten().tolist():
+            for k in a0:
+                if k.startswith(f"{site}.experts.{gid}."):
+                    assert torch.equal(a0[k], a1[k]), f"frozen expert {k} changed in task 1"
+                    checked += 1
+    assert checked > 0
+    meta = json.loads((run / "checkpoints" / "task-001" / "adapters" / "adapters.json").read_text())
+    assert meta["num_tasks"] == 2
+    # the unfrozen experts did train in task 1
+    unfrozen = [k for k in a0 if ".experts." in k and k.endswith("up.weight")
+                and not frozen0[k.split(".experts.")[0]][int(k.split(".experts.")[1].split(".")[0])]]
+    assert any(not torch.equal(a0[k], a1[k]) for k in unfrozen)
+
+
+def test_two_processes_expert_parallel_through_torchrun(world, tmp_path):
+    run = tmp_path / "ep2"
+    run_train(run, world, "moe.ep_size=2", "train.iterations=2", "train.checkpoint_every=1", nproc=2)
+    report = _check_run_folder(run)
+    assert report["config"]["moe"]["ep_size"] == 2
+    meta = json.loads((run / "checkpoints" / "task-001" / "adapters" / "adapters.json").read_text())
+    assert meta["moe"]["ep_size"] == 2
+    state = _adapters(run / "checkpoints" / "task-001")
+    assert sum(1 for k in state if k.startswith("image.0.experts.") and k.endswith("up.weight")) == 4
+    log = (run / "train.log").read_text()
+    assert "2 rank(s)" in log
+    # a task-end checkpoint saved at ep_size 2 resumes at ep_size 1 (one process)
+    json.loads((run / "checkpoints" / "task-001" / "trainer.json").read_text())
+
+
+def test_kill_and_resume_gives_the_same_final_state(world, tmp_path):
+    common = ["train.iterations=6", "train.checkpoint_every=2", "train.deterministic=true", "ddas.iterations=20"]
+    ref = tmp_path / "ref"
+    run_train(ref, world, *common)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(run, world, *common), env=cpu_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.name.startswith("step-001") for p in list_checkpoints(run)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_valid(run) is not None
+    out = run_train(run, world, *common, resume="auto")
+    assert "resumed from" in (run / "train.log").read_text()
+    a, b = _adapters(ref / "checkpoints" / "task-001"), _adapters(run / "checkpoints" / "task-001")
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"resumed run differs from the uninterrupted one in {diff[:5]}"
+    ra, rb = (json.loads((r / "report.json").read_text())["methods"]["moecl"] for r in (ref, run))
+    assert ra["oracle"]["matrix"] == rb["oracle"]["matrix"] and ra["agnostic"]["matrix"] == rb["agnostic"]["matrix"]
+    assert out.returncode == 0
+
+
+def test_resume_with_a_different_model_config_is_refused_and_existing_run_needs_resume(world, tmp_path):
+    run = tmp_path / "run"
+    run_train(run, world, "train.iterations=1", "ddas.iterations=5")
+    proc = run_train(run, world, "train.iterations=1", "moe.num_experts=6", resume="auto", check=False)
+    assert proc.returncode == 2
+    assert "moe.num_experts=4 but this command has 6" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_train(run, world, "train.iterations=1", check=False)
+    assert proc.returncode == 2 and "pass --resume auto" in proc.stderr
