@@ -149,3 +149,15 @@ def test_cli_folder_and_errors(tmp_path, capsys):
     assert main(["cil", "cifar100", "--src", str(tmp_path), "--out", str(tmp_path / "c"), "--steps", "7"]) == 2
     assert "7 equal steps" in capsys.readouterr().err
     assert main(["folder", str(src), "--out", str(tmp_path / "o"), "--template", "no placeholder"]) == 2
+
+
+def test_resize_and_image_format(tmp_path):
+    import io
+    import tarfile
+    src = _tree(tmp_path / "src", per_class=2)
+    opts = WriteOptions(shard_size=10, progress=False, image_format="jpg", resize=8)
+    task = read_task(convert_folder(src, tmp_path / "out", task="r", opts=opts))
+    with tarfile.open(task.urls("train")[0]) as tar:
+        names = tar.getnames()
+        img = Image.open(io.BytesIO(tar.extractfile(next(n for n in names if n.endswith(".jpg"))).read()))
+    assert not any(n.endswith(".png") for n in names) and img.format == "JPEG" and min(img.size) == 8
