@@ -45,9 +45,15 @@ def build_world(out: Path, domains: str = "shapes,digits,colors", held_out: int 
 
 
 def train_cmd(run: Path, world: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
-              config: str = "tiny") -> list[str]:
-    base = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", "-m", "moecl"] if nproc > 1 else [sys.executable, "-m", "moecl"]
+              config: str = "tiny", launcher: str = "torchrun") -> list[str]:
+    if nproc == 1:
+        base = [sys.executable, "-m", "moecl"]
+    elif launcher == "torchrun":
+        base = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={free_port()}", "-m", "moecl"]
+    else:  # DeepSpeed's own launcher (its CPU accelerator spawns one process per "slot")
+        base = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+                str(free_port()), "--no_local_rank", "--module", "moecl"]
     cmd = base + ["train", "--config", config, "--out", str(run), f"data.root={world}",
                   f"data.sequence={world / 'sequence.yaml'}", *overrides]
     if resume:
@@ -56,8 +62,9 @@ def train_cmd(run: Path, world: Path, *overrides: str, nproc: int = 1, resume: s
 
 
 def run_train(run: Path, world: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
-              timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(run, world, *overrides, nproc=nproc, resume=resume), env=cpu_env(),
+              timeout: int = 600, check: bool = True, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(run, world, *overrides, nproc=nproc, resume=resume, launcher=launcher),
+                          env=cpu_env(),
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"moecl train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

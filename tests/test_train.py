@@ -63,9 +63,11 @@ def test_single_process_run_keeps_old_routers_and_frozen_experts(world, tmp_path
     assert any(not torch.equal(a0[k], a1[k]) for k in unfrozen)
 
 
-def test_two_processes_expert_parallel_through_torchrun(world, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launcher):
     run = tmp_path / "ep2"
-    run_train(run, world, "moe.ep_size=2", "train.iterations=2", "train.checkpoint_every=1", nproc=2)
+    run_train(run, world, "moe.ep_size=2", "train.iterations=2", "train.checkpoint_every=1", nproc=2,
+              launcher=launcher)
     report = _check_run_folder(run)
     assert report["config"]["moe"]["ep_size"] == 2
     meta = json.loads((run / "checkpoints" / "task-001" / "adapters" / "adapters.json").read_text())

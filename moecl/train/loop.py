@@ -231,7 +231,7 @@ class ContinualTrainer:
                         loss = loss.nan_to_num(0.0) * 0.0
                     engine.backward(loss)
                     loss_sum += float(loss.detach()) / cfg.train.grad_accum
-                    aux_sum += float(aux) / cfg.train.grad_accum
+                    aux_sum += float(aux.detach()) / cfg.train.grad_accum
                     seen += images.shape[0] * self.info.world_size
                 engine.step()
                 self.progress.step += 1
