@@ -296,3 +296,21 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
 def config_description(path: Path) -> str:
     data = yaml.safe_load(path.read_text()) or {}
     return str(data.get("description", ""))
+
+
+def reference_markdown() -> str:
+    """The README's table of every config field: key, type, default, meaning."""
+    lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for section_name, section_field in Config.model_fields.items():
+        section = section_field.annotation
+        for name, field in section.model_fields.items():
+            ann = field.annotation
+            type_name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"| `{section_name}.{name}` | {type_name.replace('|', 'or')} | `{default!r}` | "
+                         f"{field.description or ''} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

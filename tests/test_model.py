@@ -306,3 +306,23 @@ def test_vit_b16_trainable_count_matches_published_code():
 def test_vit_l14_builds_with_36_sites():
     m = build_model(ModelConfig(name="ViT-L-14"), MoEConfig())
     assert len(m.moe_sites()) == 36
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = build_model(ModelConfig(name="moecl-tiny", grad_checkpointing=ckpt), MoEConfig(num_experts=4, width=8,
+                                                                                          dropout=0.0))
+        m.add_task()
+        scramble(m)
+        m.train()
+        params = m.trainable_parameters()
+        images, tokens = inputs()
+        torch.manual_seed(1)
+        loss = m(images, tokens, 0).logsumexp(dim=1).sum()
+        loss.backward()
+        grads.append([p.grad.clone() for p in params])
+        assert sum(int(s.counts.sum()) for s in m.image_sites) == 2 * 6 * len(m.image_sites)  # counted once
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+    assert any(g.abs().sum() > 0 for g in grads[1])

@@ -39,12 +39,15 @@ class RouteSlot:
         self.batch_first = batch_first
 
     @contextlib.contextmanager
-    def use(self, route: Optional[Route]) -> Iterator[None]:
+    def use(self, route: Optional[Route], persist: bool = False) -> Iterator[None]:
+        """Route for one encode call. ``persist`` keeps it after the call, for activation checkpointing:
+        blocks are recomputed during backward, after the call returned, and must route the same way."""
         previous, self.route = self.route, route
         try:
             yield
         finally:
-            self.route = previous
+            if not persist:
+                self.route = previous
 
 
 class DenseAdapter(nn.Module):
@@ -235,16 +238,19 @@ class MoECLIP(nn.Module):
 
     def encode_image(self, images: torch.Tensor, task_ids: TaskIds = -1, normalize: bool = False) -> torch.Tensor:
         route = self._route(task_ids, images.shape[0], images.device)
-        with self.image_slot.use(route):
+        with self.image_slot.use(route, persist=self._checkpointing()):
             features = self.clip.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, task_ids: TaskIds = -1, normalize: bool = False) -> torch.Tensor:
         token_index = tokens.argmax(dim=-1) if self.moe_cfg.text_route_token == "eot" else None
         route = self._route(task_ids, tokens.shape[0], tokens.device, token_index)
-        with self.text_slot.use(route):
+        with self.text_slot.use(route, persist=self._checkpointing()):
             features = self.clip.encode_text(tokens) if self._text_owner is self.clip else self._text_owner(tokens)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def _checkpointing(self) -> bool:
+        return bool(getattr(self.clip.visual.transformer, "grad_checkpointing", False)) and torch.is_grad_enabled()
 
     @property
     def logit_scale(self) -> torch.Tensor:

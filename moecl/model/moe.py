@@ -14,6 +14,10 @@ from .experts import AdapterExpert, GroupedExperts
 from .gate import RouteInput, TaskRouterGate
 
 
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
 class MoEAdapter(MoE):
     """DeepSpeed ``MoE`` (so the engine finds it, builds expert-parallel groups and param groups, and
     checkpoints its experts one file per expert) whose gate is :class:`TaskRouterGate`.
@@ -95,7 +99,8 @@ class MoEAdapter(MoE):
                                None if active is None else active.repeat_interleave(length))
         out = self.deepspeed_moe(rows, route)
         self.l_aux = self.deepspeed_moe.l_aux
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not _in_backward():
+            # (activation checkpointing re-runs this forward inside backward: count each sample once)
             self.counts += self.gate.last_counts.to(self.counts.device)
         out = out.reshape(b, length, d)
         if active is not None:
