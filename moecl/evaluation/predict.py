@@ -208,7 +208,8 @@ def write_csv(results: list[dict[str, Any]], path: str | Path, top: int) -> Path
 
 def format_predictions(results: list[dict[str, Any]], top: int) -> str:
     from .report import format_table
-    cols = ["route"] + [f"#{i}" for i in range(1, top + 1)]
+    shown = max((len(r["top"]) for r in results), default=top)
+    cols = ["route"] + [f"#{i}" for i in range(1, shown + 1)]
     rows = [[r["route"]] + [f"{t['label']} {100 * t['probability']:.1f}%" for t in r["top"]] for r in results]
     names = [r["image"] for r in results]
     common = _common_parent(names)
