@@ -125,6 +125,8 @@ def test_cli_eval_report_and_override_errors(tiny, capsys):
     assert "agnostic" in out and "routing [agnostic]" in out and "results.json" in out
     doc = json.loads((run / "eval" / "task-001" / "results.json").read_text())
     assert doc["modes"]["agnostic"]["decision"] == "batch" and doc["overrides"][-1] == "ddas.decision=batch"
+    bench = run / "eval" / "task-001" / "clip_benchmark"
+    assert {p.name.split("__")[1] for p in bench.glob("*.json")} == {"agnostic"}  # no stale files of other modes
     assert main(["eval", str(run), "model.name=ViT-B-16"]) == 2
     assert "only eval.* and ddas.*" in capsys.readouterr().err
     assert main(["eval", str(run), "eval.bogus=1"]) == 2

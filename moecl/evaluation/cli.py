@@ -141,6 +141,8 @@ def write_results(loaded: LoadedRun, results: dict[str, Any], out_dir: Path, ext
     _atomic_write(written["results"], json.dumps(doc, indent=2, allow_nan=False) + "\n")
     bench = out_dir / "clip_benchmark"
     bench.mkdir(exist_ok=True)
+    for stale in bench.glob("*.json"):  # an earlier evaluation under the same name (other modes or sets)
+        stale.unlink()
     for stem, record in clip_benchmark_records(loaded, results):
         path = bench / f"{stem}.json"
         _atomic_write(path, json.dumps(record, indent=2) + "\n")

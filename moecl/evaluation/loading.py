@@ -74,8 +74,8 @@ class LoadedRun:
 
     def route_name(self, route: int) -> str:
         """A route id as people read it: the task name, or ``zero-shot``."""
-        if route < 0:
-            return "zero-shot"
+        if route < 0:  # full-ft has no untouched CLIP left: every image goes through the fine-tuned backbone
+            return "fine-tuned" if self.method == "full-ft" else "zero-shot"
         if self.method == "dense-adapter":
             return "adapter"
         if route < len(self.trained_task_names):
