@@ -1,0 +1,140 @@
+"""Expert parallelism on the CPU: a training step at ep_size 1 vs ep_size 2, two data-parallel ranks each.
+
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/ep_scaling.py \
+        --model moecl-small --batch 64 --classes 20 --threads 1 [--out FILE]
+
+Both models live in the same two processes (gloo) and are timed in interleaved rounds. Each step goes
+through a DeepSpeed engine built as the trainer builds it (moecl.train.engine.build_engine, ds_configs/cpu
+or bf16_zero0 on GPU): ep_size 1 = every rank holds all experts, all gradients are all-reduced; ep_size 2 =
+each rank holds half the experts, tokens go to their experts by all-to-all (2 per MoE layer forward, 2
+backward), expert gradients stay local, router gradients are all-reduced.
+
+DeepSpeed's collectives are wrapped to count what each rank sends per step: all-to-all bytes (the MoE
+dispatch and combine) and all-reduce bytes (gradients, the capacity max), and the time spent inside them.
+``--batch`` is the global batch (split over the ranks).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+
+COUNTS: dict[str, float] = defaultdict(float)
+CURRENT = {"tag": None}
+
+
+def wrap_collectives() -> None:
+    import deepspeed.comm as dcomm
+
+    def wrap(name):
+        inner = getattr(dcomm, name)
+
+        def counted(*a, **kw):
+            tensor = a[1] if name == "all_to_all_single" else (a[0] if a else kw.get("tensor"))
+            tag = CURRENT["tag"]
+            t0 = time.perf_counter()
+            out = inner(*a, **kw)
+            if tag is not None:
+                COUNTS[f"{tag}:{name}:calls"] += 1
+                COUNTS[f"{tag}:{name}:bytes"] += tensor.numel() * tensor.element_size()
+                COUNTS[f"{tag}:{name}:ms"] += (time.perf_counter() - t0) * 1e3
+            return out
+        setattr(dcomm, name, counted)
+
+    for name in ("all_to_all_single", "all_reduce"):
+        wrap(name)
+
+
+def main() -> None:
+    p = common.base_parser(__doc__.split("\n\n")[0], batch=64, classes=20, steps=10, warmup=2, rounds=2)
+    p.add_argument("--ep-sizes", default="1,2")
+    args = p.parse_args()
+    wrap_collectives()
+    ctx = common.setup(args)
+    common.quiet()
+    import torch.distributed as dist
+    from moecl.config import Config
+    from moecl.train.engine import build_engine, ds_config
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must divide over {world} ranks")
+    per_rank = args.batch // world
+    cfg = Config()
+    cfg.data.batch_size = args.batch
+    cfg.train.ds_config = "bf16_zero0" if ctx.cuda and ctx.precision == "bf16" else ("fp32" if ctx.cuda else "cpu")
+    ds = ds_config(cfg, world, ctx.device)
+    fns, meta = {}, {}
+    images = tokens = labels = None
+    for ep in [int(e) for e in args.ep_sizes.split(",")]:
+        torch.manual_seed(args.seed)
+        model = common.build(args, ctx, "moe-adapters", ep_size=ep)
+        if images is None:
+            images, tokens, labels = common.make_inputs(args, ctx, model, batch=args.batch)
+            mine = slice(rank * per_rank, (rank + 1) * per_rank)
+            images, labels = images[mine].contiguous(), labels[mine].contiguous()
+        common.nonzero_adapters(model, args.seed)
+        params = model.trainable_parameters(0)
+        engine, _ = build_engine(model, params, cfg, ds, 1e-3)
+        engine.train()
+        tag = f"ep{ep}"
+
+        def step(engine=engine, tag=tag):
+            CURRENT["tag"] = tag
+            with ctx.autocast():
+                logits = engine(images, tokens, 0)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.2)
+            engine.backward(loss)
+            engine.step()
+            CURRENT["tag"] = None
+            return loss
+
+        fns[tag] = step
+        local_experts = sum(common.count(ex.parameters()) for s in model.moe_sites() for ex in s.local_experts)
+        meta[tag] = {"ep_size": ep, "local_expert_params": local_experts,
+                     "trainable_params_this_rank": common.count(params)}
+        if rank == 0:
+            print(f"built ep_size {ep}: {local_experts:,} expert parameters on this rank", file=sys.stderr, flush=True)
+    timings = common.time_variants(fns, ctx, args.steps, args.warmup, args.rounds, log=rank == 0)
+    # the counters ran through warmup too: count per step over every call made with the tag
+    steps_run = args.warmup + args.steps
+    results, rows = {}, []
+    for tag, t in timings.items():
+        # slowest rank's figures (a step waits for the slowest rank); "primary" = CPU time on the CPU
+        vals = torch.tensor([t.median, t.primary], dtype=torch.float64)
+        dist.all_reduce(vals, op=dist.ReduceOp.MAX)
+        a2a_b = COUNTS[f"{tag}:all_to_all_single:bytes"] / steps_run
+        ar_b = COUNTS[f"{tag}:all_reduce:bytes"] / steps_run
+        a2a_ms = COUNTS[f"{tag}:all_to_all_single:ms"] / steps_run
+        ar_ms = COUNTS[f"{tag}:all_reduce:ms"] / steps_run
+        results[tag] = {**meta[tag], **t.as_dict(), "max_rank_median_ms": float(vals[0]),
+                        "max_rank_primary_ms": float(vals[1]),
+                        "all_to_all_calls_per_step": COUNTS[f"{tag}:all_to_all_single:calls"] / steps_run,
+                        "all_to_all_bytes_per_step_per_rank": a2a_b, "all_to_all_ms_per_step": round(a2a_ms, 3),
+                        "all_reduce_bytes_per_step_per_rank": ar_b, "all_reduce_ms_per_step": round(ar_ms, 3)}
+        rows.append([tag, float(vals[0]), float(vals[1]), a2a_b / 2**20, a2a_ms, ar_b / 2**20, ar_ms,
+                     meta[tag]["local_expert_params"] / 1e6])
+    ratios = {}
+    if "ep1" in timings and "ep2" in timings:
+        # wall clock of the slowest rank: waiting in collectives is part of the cost here
+        ratios["ep2/ep1"] = results["ep2"]["max_rank_median_ms"] / results["ep1"]["max_rank_median_ms"]
+        ratios["ep2/ep1_cpu_time"] = results["ep2"]["max_rank_primary_ms"] / results["ep1"]["max_rank_primary_ms"]
+    if rank == 0:
+        print(f"\nexpert parallelism: {common.describe(ctx, args)} (global batch, {world} ranks x {per_rank})")
+        print(common.table(rows, ["config", "step ms (wall, max rank)", "step ms (primary)", "all-to-all MiB/step",
+                                  "all-to-all ms", "all-reduce MiB/step", "all-reduce ms", "expert params/rank (M)"]))
+        print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+        common.emit("ep_scaling", ctx, args, results, ratios, model=None,
+                    extra={"world_size": world, "batch_per_rank": per_rank, "ds_config": cfg.train.ds_config})
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
