@@ -33,6 +33,7 @@ setup(
         "matplotlib>=3.8",
         "numpy>=1.24",
         "pillow>=10.0",
+        "scipy>=1.10",  # Flowers102 / StanfordCars annotations are .mat files
     ],
     extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.2"]},
     entry_points={"console_scripts": ["moecl=moecl.cli:main"]},

@@ -101,7 +101,13 @@ def _dispatch(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # section.field=value overrides may also come after --options (argparse stops collecting them there)
+    leftovers = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if leftovers:
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if not args.command:
         parser.print_help()
         return 1

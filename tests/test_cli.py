@@ -52,3 +52,10 @@ def test_parser_accepts_documented_forms():
     assert a.overrides == ["moe.num_experts=4"] and a.resume == "auto"
     a = p.parse_args(["predict", "r", "--images", "a.png", "b.png", "--labels", "cat,dog"])
     assert a.images == ["a.png", "b.png"]
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    rc = main(["train", "--config", "tiny", "--out", str(tmp_path / "r"), "--resume", "auto", "moe.num_expert=3"])
+    assert rc == 2 and "did you mean 'moe.num_experts'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "RUN", "--checkpoint", "x", "--bogus"])
