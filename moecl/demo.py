@@ -1,0 +1,299 @@
+"""``moecl demo``: the whole method end to end on the built-in synthetic benchmark, in minutes on a CPU.
+
+1. Build the synthetic world (cached): 7 visual domains as WebDataset shards, 5 learned in sequence and
+   2 held out for zero-shot, plus an image-caption set covering all 7 (``data_tools.synthetic``).
+2. Pretrain a tiny CLIP on those captions (cached, :mod:`moecl.pretrain`): the foundation whose zero-shot
+   ability continual learning must keep.
+3. Run the sequence through the real stack (DeepSpeed engine per task, MoE-adapters, activate-freeze,
+   DDAS, the evaluator), one sub-run per method under ``RUN/runs/``, all in this process:
+   ``zero-shot`` (no training), ``continual-ft`` (full fine-tuning, task after task), and
+   ``moe-adapters``, whose one trained model is evaluated two ways: the reference setting
+   (``moe-adapters-reference``: DDAS decides per test batch with one fixed threshold) and moecl's
+   default (``moecl``: per sample, per-task thresholds calibrated on held-out training images).
+4. Merge everything into ``RUN/report.json`` (+ report.md, heatmaps in ``RUN/plots``, TensorBoard in
+   ``RUN/tb``), print the accuracy matrices and the Transfer / Avg / Last summary, and check the two
+   claims the method makes against zero-shot and continual fine-tuning.
+
+The continual-learning settings are ``moecl/configs/demo.yaml``; the world's size and the pretraining
+recipe are :data:`WORLD` and :data:`PRETRAIN` below. ``--quick`` shrinks all three (a smoke test).
+A finished sub-run with the same config is reused (``--resume auto``), an interrupted one resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .pretrain import PretrainParams, format_zero_shot, pretrain_clip
+
+log = logging.getLogger("moecl.demo")
+
+DEMO_CONFIG = "demo"
+
+# The world: data_tools.synthetic.build_world parameters. 7 domains (5 learned, 2 held out), 32 px.
+WORLD: dict[str, Any] = dict(image_size=32, train_per_class=100, test_per_class=30, pretrain_per_class=100,
+                             seed=0, held_out=2)
+WORLD_QUICK: dict[str, Any] = dict(image_size=32, train_per_class=16, test_per_class=8, pretrain_per_class=24,
+                                   seed=0, held_out=2)
+
+# The foundation: moecl-tiny from scratch, contrastive on the world's captions (moecl.pretrain).
+PRETRAIN = PretrainParams(model="moecl-tiny", steps=400, batch_size=256, lr=2e-3, warmup=40, seed=0)
+PRETRAIN_QUICK = PretrainParams(model="moecl-tiny", steps=12, batch_size=64, lr=2e-3, warmup=3, seed=0)
+
+# Sub-runs: (folder, overrides on top of demo.yaml). moe-adapters is trained once and evaluated in both
+# DDAS settings (eval.reference_ddas), so the two settings differ only in how test images are routed.
+# Full fine-tuning moves every CLIP weight: its learning rate is the usual order of magnitude below the
+# adapters' (and the pretraining peak), as in ZSCL's full fine-tuning baseline.
+METHOD_RUNS: list[tuple[str, list[str]]] = [
+    ("zero-shot", ["train.method=zero-shot"]),
+    ("continual-ft", ["train.method=full-ft", "train.lr=1.0e-4"]),
+    ("moe-adapters", ["train.method=moe-adapters", "eval.reference_ddas=true"]),
+]
+QUICK_OVERRIDES = ["train.iterations=3", "train.warmup=1", "ddas.iterations=20", "ddas.max_images=128",
+                   "data.batch_size=16", "data.shuffle_buffer=32", "eval.batch_size=128", "runtime.log_every=1",
+                   "runtime.progress=false"]
+
+HEADLINE = [("zero-shot", "oracle"), ("continual-ft", "oracle"), ("moe-adapters-reference", "agnostic"),
+            ("moecl", "agnostic")]
+TRANSFER_TOLERANCE = 1.0  # points: "MoE-adapters' Transfer stays within 1 point of zero-shot"
+
+
+def default_cache() -> Path:
+    """``$MOECL_CACHE``, else ``$XDG_CACHE_HOME/moecl``, else ``~/.cache/moecl``."""
+    if os.environ.get("MOECL_CACHE"):
+        return Path(os.environ["MOECL_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "moecl"
+
+
+def _world_dir(cache: Path, params: dict[str, Any]) -> Path:
+    tag = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return cache / "worlds" / f"synthetic-{tag}"
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip warns 'No pretrained weights loaded' for every model built before init_checkpoint is
+    loaded into it; in the demo that is expected, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _quiet_libraries() -> None:
+    """Console: the demo's own lines, progress bars and warnings; the trainers' INFO lines still go to
+    each sub-run's train.log."""
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "open_clip"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    root = logging.getLogger()
+    if not any(isinstance(f, _DropRandomInitNotice) for f in root.filters):
+        root.addFilter(_DropRandomInitNotice())
+    logging.getLogger("moecl").propagate = False
+
+
+def _config(overrides: list[str]):
+    from .config import load_config
+    return load_config(DEMO_CONFIG, overrides)
+
+
+def _prepare_run_dir(run_dir: Path, cfg) -> Optional[str]:
+    """``auto`` to resume a sub-run of the same config; a sub-run of another config is replaced."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return None
+    if saved.read_text() == cfg.to_yaml():
+        return "auto"
+    _say(f"  {run_dir} holds a run of another configuration: starting it afresh")
+    shutil.rmtree(run_dir)
+    return None
+
+
+def _detach_run_logs(run_dir: Path) -> None:
+    """The trainer adds a file handler for its run folder to the 'moecl' logger; drop it when done."""
+    logger = logging.getLogger("moecl")
+    for h in list(logger.handlers):
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == run_dir.resolve():
+            logger.removeHandler(h)
+            h.close()
+
+
+def _cpu_threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) - workers)
+
+
+def check_claims(report: dict[str, Any], tolerance: float = TRANSFER_TOLERANCE) -> list[dict[str, Any]]:
+    """The method's two claims, read from the merged report (task-agnostic modes for MoE-adapters)."""
+    methods = report["methods"]
+    zs = methods["zero-shot"]["oracle"]["metrics"]
+    ft = methods["continual-ft"]["oracle"]["metrics"]
+    out = []
+    for name in ("moecl", "moe-adapters-reference"):
+        moe = methods[name]["agnostic"]["metrics"]
+        out.append({"claim": f"{name} (agnostic) Last > continual-ft Last", "value": moe["last"],
+                    "baseline": ft["last"], "holds": bool(moe["last"] > ft["last"])})
+        out.append({"claim": f"{name} (agnostic) Transfer within {tolerance:g} point of zero-shot",
+                    "value": moe["transfer"], "baseline": zs["transfer"],
+                    "holds": bool(abs(moe["transfer"] - zs["transfer"]) <= tolerance)})
+    out.append({"claim": f"continual-ft Transfer falls below zero-shot (by more than {tolerance:g} point)",
+                "value": ft["transfer"], "baseline": zs["transfer"],
+                "holds": bool(ft["transfer"] < zs["transfer"] - tolerance)})
+    return out
+
+
+def _claims_text(claims: list[dict[str, Any]]) -> str:
+    return "\n".join(f"  [{'holds' if c['holds'] else 'FAILS'}] {c['claim']}: {c['value']:.1f} vs "
+                     f"{c['baseline']:.1f}" for c in claims)
+
+
+def merge_reports(reports: dict[str, dict[str, Any]], demo_info: dict[str, Any],
+                  wall_time_s: float) -> dict[str, Any]:
+    """One report with every method of every sub-run (names: zero-shot, continual-ft, moecl, ...)."""
+    from .evaluation.report import new_report
+    base = reports["moe-adapters"]
+    merged = new_report(base["tasks"], base["held_out"], config=base.get("config", {}), wall_time_s=wall_time_s,
+                        gpu_hours=sum(r.get("gpu_hours") or 0.0 for r in reports.values()),
+                        peak_memory_bytes=max((r.get("peak_memory_bytes") or 0) for r in reports.values()))
+    merged["trainable_parameters"] = base.get("trainable_parameters", {})
+    merged["runs"] = {}
+    for folder, rep in reports.items():
+        if rep["tasks"] != base["tasks"] or rep["held_out"] != base["held_out"]:
+            raise RuntimeError(f"sub-run {folder} evaluated other tasks than moe-adapters")
+        merged["methods"].update(rep["methods"])
+        merged["runs"][folder] = {k: rep.get(k) for k in ("wall_time_s", "trainable_parameters", "ddas", "frozen",
+                                                          "skipped_steps", "peak_memory_bytes")}
+        merged["runs"][folder]["methods"] = sorted(rep["methods"])
+        merged["runs"][folder]["config"] = rep.get("config", {})
+    order = ["zero-shot", "continual-ft", "moe-adapters-reference", "moecl"]
+    merged["methods"] = {k: merged["methods"][k] for k in order + sorted(set(merged["methods"]) - set(order))
+                         if k in merged["methods"]}
+    merged["demo"] = demo_info
+    return merged
+
+
+def print_results(report: dict[str, Any]) -> None:
+    from .evaluation.report import _routing_table, entry_tables, summary_table
+    held = report.get("held_out") or []
+    for method, mode in HEADLINE:
+        entry = report["methods"].get(method, {}).get(mode)
+        if entry is None:
+            continue
+        _say(f"\n=== {method} ({mode}) ===")
+        _say(entry_tables(report, entry))
+        if entry.get("routing_confusion") is not None and mode == "agnostic":
+            _say("\nDDAS routing after the last task (rows: test set, % of its images per route):")
+            _say(_routing_table(report, entry, markdown=False))
+    _say("\n=== Summary (Transfer / Avg / Last over the 5 learned tasks; held-out = "
+         f"{', '.join(held)}, never trained on) ===")
+    _say(summary_table(report))
+
+
+def run_demo(args) -> int:
+    """The ``moecl demo`` command: ``args.out``, ``args.cache`` (None = default), ``args.quick``."""
+    start = time.time()
+    out = Path(getattr(args, "out", None) or "runs/demo")
+    cache = Path(args.cache).expanduser() if getattr(args, "cache", None) else default_cache()
+    quick = bool(getattr(args, "quick", False))
+    _quiet_libraries()
+    world_params = WORLD_QUICK if quick else WORLD
+    pre_params = PRETRAIN_QUICK if quick else PRETRAIN
+    extra = QUICK_OVERRIDES if quick else []
+    base_cfg = _config(extra)  # validates demo.yaml (+ quick overrides) before any heavy work
+    timings: dict[str, float] = {}
+    _say(f"moecl demo{' --quick' if quick else ''}: run folder {out}, cache {cache}")
+
+    # 1. the world ------------------------------------------------------------------------------------------
+    from data_tools.synthetic import build_world
+    world = _world_dir(cache, world_params)
+    tic = time.time()
+    _say(f"[1/4] synthetic world -> {world}")
+    build_world(world, workers=max(1, base_cfg.data.workers), progress=not quick, **world_params)
+    timings["world_s"] = round(time.time() - tic, 1)
+
+    # 2. the foundation -------------------------------------------------------------------------------------
+    from .runtime import pick_device
+    device = pick_device(base_cfg.runtime.device)
+    threads = base_cfg.runtime.threads or (_cpu_threads(base_cfg.data.workers) if device.type == "cpu" else None)
+    tic = time.time()
+    _say(f"[2/4] tiny CLIP ({pre_params.model}) pretrained on the world's captions ({pre_params.steps} steps "
+         f"of {pre_params.batch_size})")
+    pre = pretrain_clip(world, cache / "pretrained", pre_params, workers=base_cfg.data.workers,
+                        device=str(device), progress=base_cfg.runtime.progress, threads=threads)
+    timings["pretrain_s"] = round(time.time() - tic, 1)
+    from .data import load_sequence
+    seq = load_sequence(world, base_cfg.data.sequence)
+    _say(f"  weights {pre.weights}{' (cached)' if pre.cached else ''}; zero-shot accuracy:")
+    _say(format_zero_shot(pre.info, [t.name for t in seq.held_out]))
+
+    # 3. the methods ----------------------------------------------------------------------------------------
+    from .train.loop import ContinualTrainer
+    common = [f"data.root={world}", f"model.init_checkpoint={pre.weights}", f"model.name={pre_params.model}"]
+    if threads and base_cfg.runtime.threads is None:
+        common.append(f"runtime.threads={threads}")
+    reports: dict[str, dict[str, Any]] = {}
+    overrides_used: dict[str, list[str]] = {}
+    for k, (folder, overrides) in enumerate(METHOD_RUNS):
+        cfg = _config(extra + common + overrides)
+        run_dir = out / "runs" / folder
+        resume = _prepare_run_dir(run_dir, cfg)
+        tic = time.time()
+        _say(f"[3/4] ({k + 1}/{len(METHOD_RUNS)}) {folder}: {len(seq.tasks)} tasks "
+             f"({', '.join(t.name for t in seq.tasks)}) -> {run_dir}")
+        try:
+            reports[folder] = ContinualTrainer(cfg, run_dir, resume).run()
+        finally:
+            _detach_run_logs(run_dir)
+        timings[f"{folder}_s"] = round(time.time() - tic, 1)
+        overrides_used[folder] = overrides
+        _say(f"  done in {timings[f'{folder}_s']:.0f} s")
+
+    # 4. the report -----------------------------------------------------------------------------------------
+    from .evaluation.report import log_to_tensorboard, write_report
+    timings["total_s"] = round(time.time() - start, 1)
+    demo_info = {"quick": quick, "world": {"path": str(world), **world_params},
+                 "pretrain": {"weights": str(pre.weights), "cached": pre.cached,
+                              **{k: v for k, v in pre.info.items() if k != "loss_curve"}},
+                 "config": DEMO_CONFIG, "overrides": {"all": extra + common, **overrides_used},
+                 "timings": timings, "device": str(device), "threads": threads}
+    report = merge_reports(reports, demo_info, timings["total_s"])
+    report["demo"]["claims"] = check_claims(report)
+    write_report(out, report)
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(out / "tb"))
+    try:
+        log_to_tensorboard(writer, report)
+        for step, loss in pre.info.get("loss_curve", []):
+            writer.add_scalar("pretrain/loss", loss, step)
+        for name, acc in pre.zero_shot.items():
+            writer.add_scalar(f"pretrain/zero_shot/{name}", acc, 0)
+        for name, secs in timings.items():
+            writer.add_scalar(f"demo/{name}", secs, 0)
+    finally:
+        writer.close()
+    _say("[4/4] results")
+    print_results(report)
+    _say("\nClaims (from this report):")
+    _say(_claims_text(report["demo"]["claims"]))
+    _say(f"\nTime: world {timings['world_s']:.0f} s, pretraining {timings['pretrain_s']:.0f} s, "
+         + ", ".join(f"{f} {timings[f + '_s']:.0f} s" for f, _ in METHOD_RUNS)
+         + f"; total {timings['total_s']:.0f} s on {device}"
+         + (f" ({threads} thread(s))" if device.type == "cpu" else ""))
+    _say(f"Report: {out / 'report.json'} (+ report.md, plots/*.png); TensorBoard: tensorboard --logdir {out}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:  # python -m moecl.demo
+    from .cli import main as cli_main
+    return cli_main(["demo", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
