@@ -226,7 +226,8 @@ class MoECLIP(nn.Module):
         ids = torch.as_tensor(task_ids, dtype=torch.long, device=device).reshape(-1)
         if ids.numel() != batch:
             raise ValueError(f"task_ids has {ids.numel()} entries for a batch of {batch}")
-        if int(ids.max()) < 0:
+        if int(ids.max()) < 0 and self.moe_cfg.ep_size == 1:
+            # (with experts sharded every rank must run the same MoE collectives, even if all its rows are -1)
             return None
         self._check_ids(int(ids.max()))
         return Route(ids, None, token_index)

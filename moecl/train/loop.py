@@ -29,6 +29,7 @@ from ..model.clip import MoECLIP
 from ..model.state import load_adapter_state, save_adapter_state
 from ..runtime import DistInfo, init_distributed
 from . import checkpoint as ckpt
+from .faults import maybe_kill, nan_here, resources
 from .engine import autocast_dtype, build_engine, ds_config, lr_at, micro_batch
 
 log = logging.getLogger("moecl")
@@ -54,6 +55,7 @@ class Progress:
     ddas: list[dict[str, Any]] = field(default_factory=list)  # per task: threshold, hold-out acceptance
     skipped_steps: int = 0
     wall_time_s: float = 0.0
+    resources: list[dict[str, int]] = field(default_factory=list)  # per finished task: RSS, open files
 
 
 def _seed_all(seed: int) -> None:
@@ -164,8 +166,12 @@ class ContinualTrainer:
             self._evaluate_row(t)
             self.progress.wall_time_s = wall_before + time.time() - start
             self.progress.task, self.progress.step = t + 1, 0
+            self.progress.resources.append(resources())
             self._save(task_end=True)
             self._write_report()
+            if self.is_main:
+                log.info("task %d done: %s", t, json.dumps(self.progress.resources[-1]))
+            maybe_kill("between", t, None, self.info.rank)
             if self.method == "moe-adapters":
                 self.model.reset_counts()
         if self.writer:
@@ -187,7 +193,9 @@ class ContinualTrainer:
         peak = float(cfg.per_task("lr", t, len(self.seq.tasks)))
         engine, optimizer = build_engine(self.model, params, cfg, self.ds, lr_at(0, total, peak, cfg.train.warmup))
         if self.progress.step:
-            self._load_optimizer(optimizer)
+            self._load_optimizer(optimizer)  # restores the RNG of the chunk boundary too
+        else:  # each task starts from its own seed, so a resume from a task end replays it exactly
+            torch.manual_seed(_stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
         tokens = self.tokenizer([fill_template(task.train_template, c) for c in task.classnames]).to(self.device)
         text_task = t if self.method == "moe-adapters" else 0
         chunk = cfg.train.checkpoint_every or total
@@ -219,6 +227,8 @@ class ContinualTrainer:
                     with self.autocast():
                         logits = engine(images, tokens, text_task if self.method != "full-ft" else -1)
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
+                    if nan_here(t, step, self.info.rank):
+                        loss = loss * float("nan")
                     aux = self.model.aux_loss().to(loss.device)
                     if cfg.moe.aux_loss_weight:
                         loss = loss + cfg.moe.aux_loss_weight * aux
@@ -233,6 +243,7 @@ class ContinualTrainer:
                     loss_sum += float(loss.detach()) / cfg.train.grad_accum
                     aux_sum += float(aux.detach()) / cfg.train.grad_accum
                     seen += images.shape[0] * self.info.world_size
+                maybe_kill("step", t, step, self.info.rank)
                 engine.step()
                 self.progress.step += 1
                 if self.is_main and (self.progress.step % cfg.runtime.log_every == 0 or self.progress.step == total):
@@ -309,6 +320,7 @@ class ContinualTrainer:
 
     def _fit_ddas(self, t: int, task) -> None:
         feats = self._image_features(task, "train", self.cfg.ddas.max_images)
+        maybe_kill("ddas", t, None, self.info.rank)
         ae, stats = fit_autoencoder(feats, self.cfg.ddas, seed=_stable_seed(self.cfg.train.seed, "ddas", t))
         threshold = stats.threshold
         self.selector.add_task(ae, threshold)
@@ -411,6 +423,7 @@ class ContinualTrainer:
                 rng["cuda"] = torch.cuda.get_rng_state()
             ckpt.save_nested(rng, tmp, f"rng-rank{rank}")
         self._barrier()
+        maybe_kill("checkpoint", t - 1 if task_end else t, None if task_end else step, self.info.rank)
         if self.is_main:
             ckpt.finalize(tmp, root / name, {"task": t, "step": step, "task_end": task_end})
             ckpt.prune_steps(self.run_dir, self.cfg.train.keep_checkpoints if not task_end else 0)
@@ -471,6 +484,7 @@ class ContinualTrainer:
                             peak_memory_bytes=(torch.cuda.max_memory_allocated() if self.device.type == "cuda"
                                                else _peak_rss()),
                             ddas=self.progress.ddas, frozen=self.progress.frozen,
+                            resources=self.progress.resources,
                             skipped_steps=self.progress.skipped_steps)
         report["trainable_parameters"] = trainable
         kind = "cil" if self.cfg.eval.cil else "mtil"

@@ -1,0 +1,55 @@
+"""Fault injection for the fault-tolerance tests: ``MOECL_FAULT=ACTION@POINT[:TASK[:STEP]]``.
+
+ACTION is ``kill`` (SIGKILL this process, like an OOM killer or a preempted node) or ``nan`` (the loss becomes
+NaN). POINT is ``step`` (after backward, before the optimizer step), ``checkpoint`` (files written, manifest
+not yet), ``between`` (after a task-end checkpoint, before the next task) or ``ddas`` (in the DDAS stage).
+``MOECL_FAULT_RANK`` limits it to one rank. Unset: nothing happens (one environment lookup per call).
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+
+def _matches(point: str, task: Optional[int], step: Optional[int], rank: int) -> Optional[str]:
+    spec = os.environ.get("MOECL_FAULT")
+    if not spec:
+        return None
+    want_rank = os.environ.get("MOECL_FAULT_RANK")
+    if want_rank is not None and int(want_rank) != rank:
+        return None
+    action, _, where = spec.partition("@")
+    parts = where.split(":")
+    if parts[0] != point:
+        return None
+    if len(parts) > 1 and task is not None and int(parts[1]) != task:
+        return None
+    if len(parts) > 2 and step is not None and int(parts[2]) != step:
+        return None
+    return action
+
+
+def maybe_kill(point: str, task: Optional[int] = None, step: Optional[int] = None, rank: int = 0) -> None:
+    if _matches(point, task, step, rank) == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nan_here(task: int, step: int, rank: int = 0) -> bool:
+    return _matches("step", task, step, rank) == "nan"
+
+
+def resources() -> dict[str, int]:
+    """Resident memory and open file descriptors of this process (for the soak test and train.log)."""
+    import resource
+    rss = 0
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = -1
+    return {"rss_bytes": rss, "open_files": fds}

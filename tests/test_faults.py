@@ -1,0 +1,153 @@
+"""Faults: kill -9 anywhere then --resume auto, broken checkpoints, NaN losses, data errors across ranks,
+untrusted files, and a soak run. Real processes throughout."""
+import io
+import json
+import os
+import subprocess
+import tarfile
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import ROOT, build_world, cpu_env, run_train, train_cmd
+from moecl.train.checkpoint import latest_valid, list_checkpoints, verify
+
+COMMON = ["train.iterations=4", "train.checkpoint_every=2", "train.deterministic=true", "ddas.iterations=20"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world") / "w")
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """One uninterrupted run per process count, shared by the kill tests."""
+    runs = {}
+
+    def get(nproc):
+        if nproc not in runs:
+            run = tmp_path_factory.mktemp(f"ref{nproc}") / "run"
+            extra = ["moe.ep_size=2"] if nproc == 2 else []
+            run_train(run, world, *COMMON, *extra, nproc=nproc)
+            runs[nproc] = run
+        return runs[nproc]
+    return get
+
+
+def _final_state(run):
+    adapters = load_file(str(run / "checkpoints" / "task-001" / "adapters" / "adapters.safetensors"))
+    report = json.loads((run / "report.json").read_text())["methods"]["moecl"]
+    return adapters, {m: report[m]["matrix"] for m in ("oracle", "agnostic")}
+
+
+def _same(a, b):
+    (ta, ma), (tb, mb) = a, b
+    assert ta.keys() == tb.keys()
+    diff = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not diff, f"differs in {diff[:4]}"
+    assert ma == mb
+
+
+@pytest.mark.parametrize("fault", ["kill@step:1:3", "kill@checkpoint:0:2", "kill@ddas:0", "kill@between:0",
+                                   "kill@checkpoint:0"])
+def test_kill_anywhere_then_resume_matches_uninterrupted_run(world, reference, tmp_path, fault):
+    run = tmp_path / "run"
+    env = cpu_env(MOECL_FAULT=fault)
+    proc = subprocess.run(train_cmd(run, world, *COMMON), env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -9, f"the fault {fault} did not fire: {proc.stderr[-2000:]}"
+    if fault.startswith("kill@checkpoint"):  # the interrupted checkpoint exists on disk but never verifies
+        assert any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())
+    run_train(run, world, *COMMON, resume="auto")
+    _same(_final_state(run), _final_state(reference(1)))
+
+
+def test_kill_one_of_two_ranks_then_resume(world, reference, tmp_path):
+    run = tmp_path / "run"
+    cmd = train_cmd(run, world, *COMMON, "moe.ep_size=2", nproc=2)
+    start = time.time()
+    proc = subprocess.run(cmd, env=cpu_env(MOECL_FAULT="kill@step:1:3", MOECL_FAULT_RANK="1"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and time.time() - start < 300
+    run_train(run, world, *COMMON, "moe.ep_size=2", nproc=2, resume="auto")
+    _same(_final_state(run), _final_state(reference(2)))
+
+
+def test_broken_checkpoint_is_skipped_with_a_message(world, tmp_path, caplog):
+    run = tmp_path / "run"
+    run_train(run, world, *COMMON)
+    ckpts = list_checkpoints(run)
+    newest = ckpts[-1]
+    target = newest / "adapters" / "adapters.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert "does not match its checksum" in verify(newest)
+    with caplog.at_level("WARNING", logger="moecl"):
+        assert latest_valid(run) == ckpts[-2]
+    assert "is not valid" in caplog.text and newest.name in caplog.text
+
+
+def test_nan_loss_stops_naming_task_and_step_and_keeps_the_last_checkpoint(world, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(train_cmd(run, world, *COMMON), env=cpu_env(MOECL_FAULT="nan@step:1:3"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "non-finite loss (nan) at task 1 (digits) step 3" in proc.stderr
+    assert latest_valid(run).name == "step-001-0000002"
+    skip = tmp_path / "skip"
+    proc = subprocess.run(train_cmd(skip, world, *COMMON, "train.nan_policy=skip"),
+                          env=cpu_env(MOECL_FAULT="nan@step:1:3"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((skip / "report.json").read_text())["skipped_steps"] == 1
+
+
+def test_fatal_data_error_on_one_rank_stops_every_rank_quickly(tmp_path):
+    world = build_world(tmp_path / "w", domains="shapes,digits", held_out=0, train=16, test=4)
+    shard = sorted((world / "shapes").glob("train-*.tar"))[0]
+    shard.write_bytes(b"this is not a tar file" * 100)
+    run = tmp_path / "run"
+    start = time.time()
+    proc = subprocess.run(train_cmd(run, world, "train.iterations=3", "data.max_bad_fraction=0", nproc=2),
+                          env=cpu_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - start
+    assert proc.returncode != 0
+    assert shard.name in proc.stderr + proc.stdout
+    assert elapsed < 120
+
+
+def test_tar_members_with_absolute_or_parent_paths_are_ignored(tmp_path):
+    from moecl.data.shards import read_shard
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, payload in (("ok.cls", b"1"), ("/etc/abs.cls", b"2"), ("../up.cls", b"3"), ("ok.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    samples = list(read_shard(str(path)))
+    keys = [k for s in samples for k in s]
+    assert not any(".." in str(s.get("__key__", "")) or str(s.get("__key__", "")).startswith("/") for s in samples)
+    assert all("abs" not in json.dumps([str(v) for v in s.values()]) for s in samples)
+    assert keys  # the well-formed member is still read
+    assert not (tmp_path.parent / "up.cls").exists() and not os.path.exists("/etc/abs.cls")
+
+
+def test_soak_many_short_tasks_do_not_grow_memory_or_open_files(tmp_path):
+    world = build_world(tmp_path / "w", domains="shapes,digits", held_out=0, train=8, test=4)
+    seq = tmp_path / "long.yaml"
+    seq.write_text("name: soak\nkind: mtil\ntasks: [" + ", ".join(["shapes", "digits"] * 5) + "]\n")
+    run = tmp_path / "run"
+    proc = subprocess.run([*train_cmd(run, world, "train.iterations=1", "ddas.iterations=5", "eval.max_samples=8",
+                                      f"data.sequence={seq}")], env=cpu_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((run / "report.json").read_text())["resources"]
+    assert len(res) == 10
+    fds = [r["open_files"] for r in res]
+    rss = [r["rss_bytes"] for r in res]
+    assert max(fds[3:]) <= fds[2] + 2, f"open files grow: {fds}"
+    assert rss[-1] - rss[3] < 64 * 2**20, f"memory grows: {[r // 2**20 for r in rss]} MiB"
