@@ -24,6 +24,7 @@ from ..data import Sequence, eval_batches, fill_template, load_sequence, make_tr
 from ..ddas import DDASSelector, fit_autoencoder
 from ..errors import CheckpointError, MoeclError
 from ..evaluation.evaluator import Evaluator, cil_label_set, confusion_row, label_set
+from ..evaluation.loading import EvalMode, eval_modes
 from ..model import build_model, image_size_of, tokenizer_for
 from ..model.clip import MoECLIP
 from ..model.state import load_adapter_state, save_adapter_state
@@ -337,20 +338,9 @@ class ContinualTrainer:
                          workers=self.cfg.eval.workers, autocast=self.autocast, max_samples=self.cfg.eval.max_samples,
                          collective_routes=self.cfg.moe.ep_size > 1 and self.method == "moe-adapters")
 
-    def eval_modes(self) -> list[tuple[str, str, Optional[DDASSelector], str]]:
-        """(name, kind, selector, decision) of every evaluation mode of this method."""
-        if self.method != "moe-adapters":
-            return [("oracle", "oracle", None, "sample")]
-        modes = []
-        for mode in self.cfg.eval.modes:
-            if mode == "oracle":
-                modes.append(("oracle", "oracle", None, "sample"))
-            elif self.cfg.ddas.enabled:
-                modes.append(("agnostic", "agnostic", self.selector, self.cfg.ddas.decision))
-        if self.cfg.eval.reference_ddas and self.cfg.ddas.enabled:
-            modes.append(("agnostic-reference", "agnostic", _fixed(self.selector, self.cfg.ddas.fixed_threshold),
-                          "batch"))
-        return modes
+    def eval_modes(self) -> list[EvalMode]:
+        """oracle / agnostic / agnostic-reference, the same rule ``moecl eval`` applies to a saved run."""
+        return eval_modes(self.cfg, self.selector)
 
     def _oracle_route(self, j: int, trained: int) -> int:
         if self.method == "moe-adapters":
@@ -362,7 +352,8 @@ class ContinualTrainer:
     def _evaluate_row(self, t: int) -> None:
         ev = self._evaluator()
         trained = t + 1
-        for name, kind, selector, decision in self.eval_modes():
+        for mode in self.eval_modes():
+            name, kind, selector, decision = mode.name, mode.kind, mode.selector, mode.decision
             if self.cfg.eval.cil:
                 seen = self.seq.tasks[:trained]
                 labels = cil_label_set(seen, self.cfg.eval.templates)
@@ -507,13 +498,6 @@ class ContinualTrainer:
             return
         from ..evaluation.report import write_report
         write_report(self.run_dir, self._report())
-
-
-def _fixed(selector: DDASSelector, threshold: float) -> DDASSelector:
-    """The reference setting: the same autoencoders with one hand-set threshold."""
-    tensors, meta = selector.to_state()
-    meta = dict(meta, thresholds=[float(threshold)] * len(meta["thresholds"]))
-    return DDASSelector.from_state(tensors, meta)
 
 
 def _peak_rss() -> int:
