@@ -36,7 +36,7 @@ def run(out_dir: str) -> None:
     torch.manual_seed(0)
     par = build_model(mcfg, MoEConfig(num_experts=4, width=8, dropout=0.0, ep_size=world))
     for m in (ref, par):
-        m.set_deepspeed_parallelism()
+        m.setup_expert_parallel()
         m.add_task()
         m.add_task()
         randomize(m, 1234)
@@ -94,7 +94,7 @@ def run(out_dir: str) -> None:
     # reload into a fresh ep=world model: identical outputs
     torch.manual_seed(0)  # same random backbone (real runs load pretrained weights)
     fresh = build_model(mcfg, MoEConfig(num_experts=4, width=8, dropout=0.0, ep_size=world))
-    fresh.set_deepspeed_parallelism()
+    fresh.setup_expert_parallel()
     load_adapter_state(fresh, os.path.join(out_dir, "state"))
     fresh.eval()
     with torch.no_grad():

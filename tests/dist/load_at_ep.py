@@ -18,7 +18,7 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="moecl-tiny"), MoEConfig(num_experts=4, width=8, dropout=0.0,
                                                                   ep_size=info.world_size))
-    model.set_deepspeed_parallelism()
+    model.setup_expert_parallel()
     load_adapter_state(model, os.path.join(out_dir, "state"))
     model.eval()
     io = torch.load(os.path.join(out_dir, "io.pt"), weights_only=True)
