@@ -15,6 +15,7 @@ them; only image work is timed):
                    evaluator then skips the routed forward
   ddas-half-subset prototype: the routed forward only on the routed rows (zero-shot rows reuse the
                    plain features), not on the whole batch
+  oracle-gather, ddas-in-gather   prototype: the same with the gathered-weight experts (prototypes.py)
 The autoencoders are random (fitting them does not change their cost); so are the routers and experts.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 
-ALL = ["plain", "oracle", "ddas-in", "ddas-half", "ddas-out", "ddas-half-subset"]
+ALL = ["plain", "oracle", "ddas-in", "ddas-half", "ddas-out", "ddas-half-subset", "oracle-gather", "ddas-in-gather"]
 
 
 def main() -> None:
@@ -74,6 +75,14 @@ def main() -> None:
     def set_thresholds(kind: str) -> None:
         selector.thresholds = thresholds[kind].to(ctx.device, torch.float32)
 
+    gathered = None
+    if any(n.endswith("-gather") for n in args.variants.split(",")):
+        import prototypes
+        gathered = common.build(args, ctx, "moe-adapters", tasks=args.tasks)  # a twin with the same weights
+        gathered.load_state_dict(model.state_dict())
+        prototypes.use_gathered_experts(gathered)
+        gathered.eval()
+
     def classify(feats, routes):
         preds = torch.empty(feats.shape[0], dtype=torch.long, device=feats.device)
         for r in routes.unique().tolist():
@@ -86,12 +95,14 @@ def main() -> None:
             f = model.encode_image(images, ZERO_SHOT, normalize=True).float()
         return (f @ heads[ZERO_SHOT]).argmax(dim=1)
 
-    def oracle():
+    def oracle(m=model):
         with torch.no_grad(), ctx.autocast():
-            f = model.encode_image(images, 0, normalize=True).float()
+            f = m.encode_image(images, 0, normalize=True).float()
         return (f @ heads[0]).argmax(dim=1)
 
-    def ddas(kind: str, subset: bool = False):
+    def ddas(kind: str, subset: bool = False, m=model):
+        model = m
+
         def run():
             set_thresholds(kind)
             with torch.no_grad(), ctx.autocast():
@@ -109,6 +120,9 @@ def main() -> None:
 
     table = {"plain": plain, "oracle": oracle, "ddas-in": ddas("in"), "ddas-half": ddas("half"),
              "ddas-out": ddas("out"), "ddas-half-subset": ddas("half", subset=True)}
+    if gathered is not None:
+        table["oracle-gather"] = lambda: oracle(gathered)
+        table["ddas-in-gather"] = ddas("in", m=gathered)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for n in names:
         if n not in table:

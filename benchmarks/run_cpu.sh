@@ -46,14 +46,18 @@ fi
 
 if want inference; then  # (d) DDAS + routed forward vs plain zero-shot
   run $PY benchmarks/inference.py $T --model moecl-small --batch 64 --classes 20 --tasks 11 --steps 10 --warmup 2 \
-    --text-batch 256 --out $R/cpu_inference_small.json
+    --text-batch 256 --variants plain,oracle,ddas-in,ddas-half,ddas-out,ddas-half-subset,oracle-gather,ddas-in-gather \
+    --out $R/cpu_inference_small.json
   run $PY benchmarks/inference.py $T --model ViT-B-16-quickgelu --batch 8 --classes 10 --tasks 11 --steps 2 \
-    --warmup 1 --rounds 1 --text-batch 32 --out $R/cpu_inference_vitb16.json
+    --warmup 1 --rounds 1 --text-batch 32 --variants plain,oracle,ddas-in,ddas-out,ddas-half,ddas-half-subset,oracle-gather \
+    --out $R/cpu_inference_vitb16.json
 fi
 
 if want memory; then  # (e) CPU peak RSS delta per variant (not GPU memory)
   run $PY benchmarks/memory.py $T --model moecl-small --batch 64 --classes 20 --steps 2 \
     --variants moecl,floor,gather,moecl+ckpt,floor+ckpt --out $R/cpu_memory_small.json
+  run $PY benchmarks/memory.py $T --model moecl-small --batch 64 --classes 20 --steps 2 --routing concentrated \
+    --variants moecl,floor,gather --out $R/cpu_memory_small_concentrated.json
   run $PY benchmarks/memory.py $T --model ViT-B-16-quickgelu --batch 4 --classes 10 --steps 1 \
     --variants moecl,floor,gather,moecl+ckpt --out $R/cpu_memory_vitb16.json
 fi

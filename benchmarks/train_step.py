@@ -53,9 +53,13 @@ def capture_route_tokens(model, images, tokens, ctx) -> dict[int, torch.Tensor]:
     """Token each site's router reads, from one no-grad eval forward (keyed by id of the site)."""
     seen: dict[int, torch.Tensor] = {}
     hooks = []
-    for site in model.sites():
-        hooks.append(site.register_forward_pre_hook(
-            lambda mod, args, seen=seen: seen.setdefault(id(mod), args[1].detach().float())))
+    def hook(mod, args):  # must return None (a pre-hook's return value would replace the arguments)
+        seen.setdefault(id(getattr(mod, "site", mod)), args[1].detach().float())  # prototypes wrap the site
+
+    from moecl.model.backbone import text_towers
+    for transformer in (model.clip.visual.transformer, text_towers(model.clip)[1]):
+        for block in transformer.resblocks:
+            hooks.append(block.mlp.adapter.register_forward_pre_hook(hook))
     was = model.training
     model.eval()
     with torch.no_grad(), ctx.autocast():

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU runs of the issue's targets, writing benchmarks/results/gpu_*.json (one H100 or H200).
+# NOT run yet: the session that wrote this harness had no GPU. Run it on the GPU machine, commit the
+# records and fill docs/performance.md's GPU table from them (every figure there names its record).
+#
+#   bash benchmarks/run_gpu.sh            # everything (about 25 min on one H100)
+#   bash benchmarks/run_gpu.sh train      # one part: train | layer | inference | memory | data | project | profile | ep
+#
+# Targets (ViT-B/16 random weights, 22 experts, top-2, bf16, 224 px):
+#   (a) moecl step <= 1.15 x floor at batch 64 and 256      -> gpu_train_step_vitb16_b{64,256}.json  ratios["moecl/floor"]
+#   (b) >= 5x faster than the published path at batch 64     -> gpu_train_step_vitb16_b64.json       ratios["reference/moecl"]
+#   (c) MoE layer >= 3x faster than stock DeepSpeed          -> gpu_moe_layer_vitb16_b{64,256}.json  ratios["stock/moecl"]
+#   (d) DDAS + routed >= 0.9x plain CLIP throughput          -> gpu_inference_vitb16_b256.json        ratios["ddas-*/plain_throughput"]
+#   (e) peak memory: ViT-B/16 b64 <= 8 GB, ViT-L/14 b64 <= 16 GB -> gpu_memory_{vitb16,vitl14}_b64.json
+#   (f) MTIL-shaped run <= 15 min                            -> gpu_project_mtil.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+R=benchmarks/results
+mkdir -p "$R"
+B16="--model ViT-B-16-quickgelu --experts 22 --top-k 2 --precision bf16"
+part=${1:-all}
+run() { echo "+ $*" >&2; "$@"; }
+want() { [ "$part" = all ] || [ "$part" = "$1" ]; }
+
+if want train; then
+  run $PY benchmarks/train_step.py $B16 --batch 64 --classes 100 --steps 30 --warmup 5 --rounds 3 \
+    --variants moecl,floor,reference,reference-same,gather,moecl+trim,gather+trim,floor+trim \
+    --out $R/gpu_train_step_vitb16_b64.json
+  run $PY benchmarks/train_step.py $B16 --batch 256 --classes 100 --steps 20 --warmup 5 --rounds 2 \
+    --variants moecl,floor,reference,gather,gather+trim,floor+trim --out $R/gpu_train_step_vitb16_b256.json
+  run $PY benchmarks/train_step.py $B16 --batch 64 --classes 100 --steps 30 --warmup 5 --rounds 3 \
+    --routing concentrated --variants moecl,floor,reference,gather --out $R/gpu_train_step_vitb16_b64_concentrated.json
+fi
+
+if want layer; then
+  for b in 64 256; do
+    run $PY benchmarks/moe_layer.py $B16 --batch $b --tokens 197 --dim 768 --steps 50 --warmup 10 --rounds 5 \
+      --out $R/gpu_moe_layer_vitb16_b$b.json
+    run $PY benchmarks/moe_layer.py $B16 --batch $b --tokens 197 --dim 768 --steps 50 --warmup 10 --rounds 5 \
+      --routing concentrated --out $R/gpu_moe_layer_vitb16_b${b}_concentrated.json
+  done
+fi
+
+if want inference; then
+  run $PY benchmarks/inference.py $B16 --batch 256 --classes 100 --tasks 11 --steps 30 --warmup 5 --rounds 3 \
+    --text-batch 1000 --out $R/gpu_inference_vitb16_b256.json
+fi
+
+if want memory; then
+  run $PY benchmarks/memory.py $B16 --batch 64 --classes 100 --steps 3 \
+    --variants moecl,floor,gather,moecl+ckpt,floor+ckpt,gather+ckpt --out $R/gpu_memory_vitb16_b64.json
+  run $PY benchmarks/memory.py --model ViT-L-14 --experts 22 --top-k 2 --precision bf16 --batch 64 --classes 100 \
+    --steps 3 --variants moecl,floor,gather,moecl+ckpt,gather+ckpt --out $R/gpu_memory_vitl14_b64.json
+fi
+
+if want data; then  # benchmarks/data_throughput.py is another engineer's script (its own flags)
+  run $PY benchmarks/data_throughput.py --workers 1,2,4,8 --json $R/gpu_data_throughput.json
+fi
+
+if want project; then
+  data=""; [ -f $R/gpu_data_throughput.json ] && data="--data $R/gpu_data_throughput.json"
+  run $PY benchmarks/project_mtil.py --train $R/gpu_train_step_vitb16_b64.json \
+    --inference $R/gpu_inference_vitb16_b256.json $data --out $R/gpu_project_mtil.json
+  run $PY benchmarks/project_mtil.py --train $R/gpu_train_step_vitb16_b64.json --variant gather+trim \
+    --inference $R/gpu_inference_vitb16_b256.json $data --out $R/gpu_project_mtil_gather_trim.json
+fi
+
+if want profile; then
+  run $PY benchmarks/train_step.py $B16 --batch 64 --classes 100 --steps 5 --warmup 3 --variants moecl \
+    --profile $R/gpu_profile_train_step_vitb16_b64.txt --out $R/gpu_profile_train_step_vitb16_b64.json
+fi
+
+if want ep; then  # needs 2 GPUs on one node
+  if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    run torchrun --nproc_per_node 2 benchmarks/ep_scaling.py $B16 --batch 128 --classes 100 --steps 20 --warmup 5 \
+      --out $R/gpu_ep_scaling_vitb16.json
+  else
+    echo "ep: skipped (one GPU)" >&2
+  fi
+fi
