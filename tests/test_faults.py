@@ -129,24 +129,20 @@ def test_tar_members_with_absolute_or_parent_paths_are_ignored(tmp_path):
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     samples = list(read_shard(str(path)))
-    keys = [k for s in samples for k in s]
-    assert not any(".." in str(s.get("__key__", "")) or str(s.get("__key__", "")).startswith("/") for s in samples)
-    assert all("abs" not in json.dumps([str(v) for v in s.values()]) for s in samples)
-    assert keys  # the well-formed member is still read
+    assert [s["__key__"] for s in samples] == ["ok"]  # the well-formed sample is read, the others ignored
+    assert samples[0]["cls"] == b"1" and samples[0]["json"] == b"{}"
     assert not (tmp_path.parent / "up.cls").exists() and not os.path.exists("/etc/abs.cls")
 
 
 def test_soak_many_short_tasks_do_not_grow_memory_or_open_files(tmp_path):
-    world = build_world(tmp_path / "w", domains="shapes,digits", held_out=0, train=8, test=4)
-    seq = tmp_path / "long.yaml"
-    seq.write_text("name: soak\nkind: mtil\ntasks: [" + ", ".join(["shapes", "digits"] * 5) + "]\n")
+    world = build_world(tmp_path / "w", domains="shapes,textures,digits,arrows,flags,colors,clocks", held_out=0,
+                        train=6, test=3)
     run = tmp_path / "run"
-    proc = subprocess.run([*train_cmd(run, world, "train.iterations=1", "ddas.iterations=5", "eval.max_samples=8",
-                                      f"data.sequence={seq}")], env=cpu_env(), cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(train_cmd(run, world, "train.iterations=1", "ddas.iterations=5", "eval.max_samples=8"),
+                          env=cpu_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((run / "report.json").read_text())["resources"]
-    assert len(res) == 10
+    assert len(res) == 7
     fds = [r["open_files"] for r in res]
     rss = [r["rss_bytes"] for r in res]
     assert max(fds[3:]) <= fds[2] + 2, f"open files grow: {fds}"

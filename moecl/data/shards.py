@@ -34,6 +34,11 @@ def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
+def safe_member_name(name: str) -> bool:
+    """A tar member name that stays inside the archive: relative, with no ``..`` component."""
+    return not (name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"))
+
+
 def read_shard(url: str) -> Iterator[dict[str, Any]]:
     """Yield the samples of one tar shard as ``{"__key__": key, ext: bytes, ...}`` groups, in order."""
     completed = 0
@@ -47,8 +52,8 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*")
             for member in tar:
-                if not member.isreg():
-                    continue
+                if not member.isreg() or not safe_member_name(member.name):
+                    continue  # links, devices, absolute or ``..`` names: never part of a sample
                 prefix, suffix = base_plus_ext(member.name)
                 if prefix is None:
                     continue
