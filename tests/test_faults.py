@@ -147,3 +147,37 @@ def test_soak_many_short_tasks_do_not_grow_memory_or_open_files(tmp_path):
     rss = [r["rss_bytes"] for r in res]
     assert max(fds[3:]) <= fds[2] + 2, f"open files grow: {fds}"
     assert rss[-1] - rss[3] < 64 * 2**20, f"memory grows: {[r // 2**20 for r in rss]} MiB"
+
+
+def _rewrite_task_json(task_dir, **changes):
+    path = task_dir / "task.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+def test_data_faults_name_the_file(tmp_path):
+    """Class names that disagree with task.json stop with the shard named; an empty task is refused; a label out
+    of range or a missing shard is skipped and counted, and over the tolerated fraction stops naming the shard."""
+    from moecl.data import eval_batches, load_sequence, make_transforms
+    from moecl.errors import DataError
+    world = build_world(tmp_path / "w", domains="shapes,digits", held_out=0, train=4, test=4)
+    _, tf = make_transforms(32)
+    seq = load_sequence(world, world / "sequence.yaml")
+    names = list(seq.tasks[0].classnames)
+    _rewrite_task_json(world / "shapes", classnames=[names[1], names[0], *names[2:]])
+    task = load_sequence(world, world / "sequence.yaml").tasks[0]
+    with pytest.raises(DataError, match=r"test-000000\.tar sample .* task.json .* different builds"):
+        list(eval_batches(task, batch_size=8, preprocess=tf))
+    meta = json.loads((world / "digits" / "task.json").read_text())
+    _rewrite_task_json(world / "digits", counts={**meta["counts"], "train": 0},
+                       shard_counts={**meta["shard_counts"], "train": [0] * len(meta["shards"]["train"])})
+    task = load_sequence(world, world / "sequence.yaml").tasks[1]
+    from moecl.data import train_batches
+    with pytest.raises(DataError, match="split 'train' has no samples .*digits/task.json"):
+        train_batches(task, batch_size=4, preprocess=tf)
+    # a shard that task.json lists but that is gone: counted as lost samples, fatal above the fraction
+    shard = sorted((world / "digits").glob("test-*.tar"))[0]
+    shard.unlink()
+    with pytest.raises(DataError, match=shard.name):
+        list(eval_batches(task, batch_size=8, preprocess=tf, max_bad_fraction=0.5))

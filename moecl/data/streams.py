@@ -113,12 +113,13 @@ class _ShardDataset(IterableDataset):
     def __init__(self, *, urls: list[str], counts: Optional[list[int]], mode: str, batch_size: int, rank: int,
                  world_size: int, seed: int, preprocess: Preprocess, shuffle_buffer: int, resampled: bool,
                  num_classes: Optional[int], where: str, max_samples: Optional[int] = None,
-                 captions: bool = False):
+                 captions: bool = False, classnames: Optional[list[str]] = None):
         super().__init__()
         self.urls, self.counts, self.mode = urls, counts, mode
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.preprocess, self.shuffle_buffer, self.resampled = preprocess, shuffle_buffer, resampled
         self.num_classes, self.where, self.max_samples, self.captions = num_classes, where, max_samples, captions
+        self.classnames = classnames
         self._events: list[dict[str, Any]] = []
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -159,11 +160,23 @@ class _ShardDataset(IterableDataset):
                 target: Any = rng.choice(options) if isinstance(options, list) and options else decode_text(raw)
             else:
                 target = decode_label(raw, self.num_classes)
+                self._check_classname(raw, target, url, key)
             tensor = self.preprocess(image)
         except BadSample as e:
             self._events.append(bad_event(url, key, str(e)))
             return None
         return tensor, target, key
+
+    def _check_classname(self, raw: dict[str, Any], label: int, url: str, key: str) -> None:
+        """A sample whose stored class name disagrees with task.json means the shards and task.json come from
+        different builds: every label could be wrong, so this stops the run instead of skipping."""
+        if not self.classnames or "json" not in raw:
+            return
+        name = decode_json(raw).get("classname")
+        if name is not None and name != self.classnames[label]:
+            raise DataError(f"{self.where}: shard {url} sample {key} has label {label} = {name!r} but task.json "
+                            f"names class {label} {self.classnames[label]!r}; the shards and task.json come from "
+                            "different builds: rebuild the task")
 
     # -- batching -----------------------------------------------------------------------------------------
     def _batch(self, items: list) -> dict[str, Any]:
@@ -382,6 +395,9 @@ def _task_urls(task: TaskInfo, split: str) -> tuple[list[str], Optional[list[int
         counts = None
     if not urls:
         raise DataError(f"task '{task.name}' split '{split}' has no shards ({task.root / 'task.json'}); rebuild it")
+    if task.counts.get(split) == 0:
+        raise DataError(f"task '{task.name}' split '{split}' has no samples ({task.root / 'task.json'} counts 0); "
+                        "an empty task cannot be trained or evaluated: rebuild it or drop it from the sequence")
     return urls, counts
 
 
@@ -409,7 +425,8 @@ def train_batches(task: TaskInfo, split: str = "train", *, batch_size: int, rank
     where = f"task '{task.name}' split '{split}'"
     ds = _ShardDataset(urls=urls, counts=counts, mode="train", batch_size=batch_size, rank=rank,
                        world_size=world_size, seed=seed, preprocess=preprocess, shuffle_buffer=shuffle_buffer,
-                       resampled=resampled, num_classes=task.num_classes, where=where)
+                       resampled=resampled, num_classes=task.num_classes, where=where,
+                       classnames=task.classnames)
     return TrainStream(ds, workers, max_bad_fraction, where, _seed(seed, rank, "loader"), pin_memory)
 
 
@@ -452,7 +469,8 @@ def eval_batches(task: TaskInfo, split: str = "test", *, batch_size: int, rank: 
         total = min(total, max_samples)
     ds = _ShardDataset(urls=urls, counts=counts, mode="eval", batch_size=batch_size, rank=rank,
                        world_size=world_size, seed=0, preprocess=preprocess, shuffle_buffer=0, resampled=False,
-                       num_classes=task.num_classes, where=where, max_samples=max_samples)
+                       num_classes=task.num_classes, where=where, max_samples=max_samples,
+                       classnames=task.classnames)
     return EvalStream(ds, workers, max_bad_fraction, where, _seed(rank, "eval"), pin_memory, task=task,
                       split=split, rank=rank, world_size=world_size, expected=expected, expected_total=total,
                       planned_batches=planned, equal_batches=equal_batches, batch_size=batch_size)
