@@ -181,3 +181,20 @@ def test_data_faults_name_the_file(tmp_path):
     shard.unlink()
     with pytest.raises(DataError, match=shard.name):
         list(eval_batches(task, batch_size=8, preprocess=tf, max_bad_fraction=0.5))
+
+
+def test_batch_not_divisible_across_ranks_and_bad_ds_config_are_named(tmp_path):
+    from moecl.config import ConfigError, load_config
+    from moecl.train.engine import ds_config, micro_batch
+    cfg = load_config("tiny", ["data.batch_size=10", "train.grad_accum=2"])
+    with pytest.raises(ConfigError, match=r"data.batch_size=10 is not divisible by ranks x train.grad_accum = 3 x 2"):
+        micro_batch(cfg, 3)
+    assert micro_batch(cfg, 5) == 1
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="ds.json is not valid JSON"):
+        ds_config(load_config("tiny", [f"train.ds_config={bad}"]), 1, torch.device("cpu"))
+    half = tmp_path / "half.json"
+    half.write_text('{"bf16": {"enabled": true}}')
+    with pytest.raises(ConfigError, match="enables bf16 but there is no GPU"):
+        ds_config(load_config("tiny", [f"train.ds_config={half}"]), 1, torch.device("cpu"))

@@ -115,3 +115,12 @@ def test_resume_with_a_different_model_config_is_refused_and_existing_run_needs_
     assert "moe.num_experts=4 but this command has 6" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_train(run, world, "train.iterations=1", check=False)
     assert proc.returncode == 2 and "pass --resume auto" in proc.stderr
+
+
+def test_zero2_with_bf16_autocast_runs_and_resumes(world, tmp_path):
+    """The shipped bf16 configs (torch autocast of the backbone) with ZeRO stage 2: train, checkpoint, resume."""
+    run = tmp_path / "z2"
+    run_train(run, world, "train.ds_config=bf16_zero2", "train.iterations=2", "train.checkpoint_every=1",
+              "ddas.iterations=5")
+    _check_run_folder(run)
+    assert json.loads((run / "report.json").read_text())["config"]["train"]["ds_config"] == "bf16_zero2"
