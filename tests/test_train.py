@@ -120,7 +120,11 @@ def test_resume_with_a_different_model_config_is_refused_and_existing_run_needs_
 def test_zero2_with_bf16_autocast_runs_and_resumes(world, tmp_path):
     """The shipped bf16 configs (torch autocast of the backbone) with ZeRO stage 2: train, checkpoint, resume."""
     run = tmp_path / "z2"
-    run_train(run, world, "train.ds_config=bf16_zero2", "train.iterations=2", "train.checkpoint_every=1",
-              "ddas.iterations=5")
+    args = ["train.ds_config=bf16_zero2", "train.iterations=2", "train.checkpoint_every=1", "ddas.iterations=5"]
+    killed = subprocess.run(train_cmd(run, world, *args), env=cpu_env(MOECL_FAULT="kill@step:0:1"), cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9 and latest_valid(run).name == "step-000-0000001"
+    run_train(run, world, *args, resume="auto")  # loads the ZeRO-2 optimizer state of the mid-task checkpoint
+    assert "resumed from" in (run / "train.log").read_text()
     _check_run_folder(run)
     assert json.loads((run / "report.json").read_text())["config"]["train"]["ds_config"] == "bf16_zero2"

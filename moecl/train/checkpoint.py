@@ -132,7 +132,25 @@ def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s")
         return {"__tuple__": items} if isinstance(obj, tuple) else items
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if name in _OBJECTS:  # a few small state objects of DeepSpeed's optimizers, by an explicit allowlist
+        return {"__object__": name, "state": flatten_state(vars(obj), tensors, f"{prefix}.o")}
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
     raise CheckpointError(f"cannot store a {type(obj).__name__} in a checkpoint (at {prefix})")
+
+
+# Classes a checkpoint may hold, rebuilt field by field (never unpickled): DeepSpeed's loss scalers.
+_OBJECTS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+            "deepspeed.utils.tensor_fragment.fragment_address"}
+
+
+def _rebuild(name: str, state: dict) -> Any:
+    import importlib
+    module, _, cls = name.rpartition(".")
+    obj = object.__new__(getattr(importlib.import_module(module), cls))
+    obj.__dict__.update(state)
+    return obj
 
 
 def unflatten_state(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -143,6 +161,12 @@ def unflatten_state(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in skel["__dict__"]}
         if "__tuple__" in skel:
             return tuple(unflatten_state(v, tensors) for v in skel["__tuple__"])
+        if "__object__" in skel:
+            if skel["__object__"] not in _OBJECTS:
+                raise CheckpointError(f"checkpoint names a class outside the allowlist: {skel['__object__']}")
+            return _rebuild(skel["__object__"], unflatten_state(skel["state"], tensors))
+        if "__dtype__" in skel:
+            return getattr(torch, skel["__dtype__"])
     if isinstance(skel, list):
         return [unflatten_state(v, tensors) for v in skel]
     return skel

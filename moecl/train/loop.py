@@ -455,7 +455,11 @@ class ContinualTrainer:
         path = getattr(self, "_resume_path", None)
         if path is None:
             raise CheckpointError("internal: mid-task resume without a checkpoint")
-        optimizer.load_state_dict(ckpt.load_nested(path, f"optimizer-rank{self.info.rank}"))
+        if hasattr(optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: a list indexed by data-parallel rank
+            optimizer.load_state_dict([ckpt.load_nested(path, f"optimizer-rank{r}")
+                                       for r in range(self.info.world_size)])
+        else:
+            optimizer.load_state_dict(ckpt.load_nested(path, f"optimizer-rank{self.info.rank}"))
         rng = ckpt.load_nested(path, f"rng-rank{self.info.rank}")
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
