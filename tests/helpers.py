@@ -15,8 +15,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def cpu_env(**extra) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    """A child's environment: CPU DeepSpeed, one thread, and none of the rendezvous variables that an in-process
+    world of one (set up by an earlier test) left in os.environ."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.update(extra)
     return env
 
