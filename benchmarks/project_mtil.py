@@ -55,6 +55,8 @@ def main() -> None:
     p.add_argument("--train", required=True, help="train_step.py JSON record")
     p.add_argument("--variant", default="moecl", help="which training variant's step time to use")
     p.add_argument("--inference", required=True, help="inference.py JSON record")
+    p.add_argument("--routed-variant", default="oracle",
+                   help="inference.py variant whose images/s is the routed forward (oracle, oracle-gather)")
     p.add_argument("--data", default=None, help="data_throughput.py JSON (line) record")
     p.add_argument("--tasks", type=int, default=11)
     p.add_argument("--steps", type=int, default=1000)
@@ -76,7 +78,7 @@ def main() -> None:
     res = inf["results"]
     key = "images_per_s"
     plain_ips = res["plain"][key]
-    routed_ips = res.get("oracle", res.get("ddas-in"))[key]
+    routed_ips = res[args.routed_variant][key]
     text_ps = inf.get("text_prompts_per_s") or None
     names = list(TEST_SIZES)[: args.tasks]
     n = [TEST_SIZES[k] for k in names]
