@@ -56,7 +56,6 @@ def main() -> None:
                 w = site.gate.routers[t]
                 w.copy_((torch.randn(w.shape, generator=g) * 0.05).to(w.device))
     model.eval()
-    embed = int(model.clip.text_projection.shape[1]) if model.clip.text_projection is not None else None
     with torch.no_grad(), ctx.autocast():
         heads = {r: model.encode_text(tokens, r, normalize=True).float().t().contiguous()
                  for r in [ZERO_SHOT, *range(args.tasks)]}
