@@ -12,7 +12,9 @@ def test_ep2_matches_ep1_and_state_moves_between_ep_sizes(tmp_path):
     for rank in (0, 1):
         r = read_json(tmp_path / f"rank{rank}.json")
         assert r["image_moved"] > 1e-3, "the adapters must change the output for the test to mean anything"
-        assert r["image_max_diff"] == 0.0 and r["text_max_diff"] == 0.0
+        # ep_size 1 runs the gathered-weights path, ep_size 2 DeepSpeed's all-to-all dispatch: equal up to fp32
+        # rounding of the different summation orders
+        assert r["image_max_diff"] < 1e-5 and r["text_max_diff"] < 1e-5
         assert r["grad_norm"] > 0 and r["grad_max_diff"] < 1e-4
         assert r["reload_max_diff"] == 0.0 and r["counts_total_equal"]
     # saved at ep_size 2 -> loaded at ep_size 1 in this process
@@ -23,7 +25,7 @@ def test_ep2_matches_ep1_and_state_moves_between_ep_sizes(tmp_path):
     model.eval()
     with torch.no_grad():
         out = model.encode_image(io["images"], io["ids"])
-    assert torch.equal(out, io["out"])
+    assert torch.allclose(out, io["out"], atol=1e-5, rtol=0)
     # ... and at ep_size 4 (four ranks, one expert each)
     torchrun("tests/dist/load_at_ep.py", str(tmp_path), nproc=4)
     for rank in range(4):

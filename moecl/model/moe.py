@@ -5,13 +5,14 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import MOELayer
 from torch import nn
 
 from ..config import MoEConfig
 from .experts import AdapterExpert, GroupedExperts
-from .gate import RouteInput, TaskRouterGate
+from .gate import RouteInput, TaskRouterGate, noisy_logits, task_logits
 
 
 def _in_backward() -> bool:
@@ -90,6 +91,8 @@ class MoEAdapter(MoE):
 
     def _run(self, x, route_tokens, task_ids, single_task, active) -> torch.Tensor:
         b, length, d = x.shape
+        if self.ep_size == 1 and self.routing == "sample" and not self.gate.drop_tokens and active is None:
+            return self._run_gathered(x, route_tokens, task_ids, single_task)
         if self.routing == "sample":
             rows = x.reshape(b, length * d)
             route = RouteInput(route_tokens, task_ids, single_task, active)
@@ -106,6 +109,41 @@ class MoEAdapter(MoE):
         if active is not None:
             out = torch.where(active.view(b, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out
+
+    def _run_gathered(self, x, route_tokens, task_ids, single_task) -> torch.Tensor:
+        """Experts local and nothing dropped: each sample's k adapters as two batched matmuls over that sample's
+        gathered expert weights (gates folded into the up-projection). Same routing and the same parameters as
+        the DeepSpeed dispatch, without its capacity padding (E x max-load rows for B x k routes)."""
+        gate = self.gate
+        b, length, d = x.shape
+        ids, single = (torch.zeros_like(task_ids), 0) if gate.shared_router else (task_ids, single_task)
+        clean = task_logits(route_tokens, list(gate.routers), ids, single)
+        logits = clean
+        if self.training:
+            logits = noisy_logits(clean, task_logits(route_tokens, list(gate.noise), ids, single), gate.noise_eps)
+        probs = logits.softmax(dim=1)
+        top, idx = probs.topk(gate.k, dim=1)  # [B, k], as DeepSpeed's topkgating selects
+        g = top / top.sum(dim=1, keepdim=True).clamp(min=torch.finfo(top.dtype).eps)
+        mask = torch.zeros_like(probs).scatter_(1, idx, 1.0)
+        self.l_aux = (probs.mean(0) * mask.mean(0)).mean() * self.num_experts * self.num_experts / gate.k
+        gate.last_counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+        if self.training and torch.is_grad_enabled() and not _in_backward():
+            self.counts += gate.last_counts.to(self.counts.device)
+        experts = self.local_experts
+        first = experts[0]
+        k, r, scale = gate.k, first.width, first.scale
+        w_down = torch.stack([e.down.weight for e in experts])  # [E, r, d]
+        b_down = torch.stack([e.down.bias for e in experts])  # [E, r]
+        w_up = torch.stack([e.up.weight for e in experts])  # [E, d, r]
+        b_up = torch.stack([e.up.bias for e in experts])  # [E, d]
+        gs = (g * scale).to(w_up.dtype)
+        wd = w_down[idx].reshape(b, k * r, d).transpose(1, 2)  # [B, d, k*r]
+        bd = b_down[idx].reshape(b, 1, k * r)
+        wu = (w_up[idx] * gs[..., None, None]).transpose(2, 3).reshape(b, k * r, d)  # [B, k*r, d]
+        bu = (b_up[idx] * gs[..., None]).sum(1, keepdim=True)  # [B, 1, d]
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        h = first.dropout(F.relu(torch.baddbmm(bd.to(dt), x.to(dt), wd.to(dt))))
+        return torch.baddbmm(bu.to(dt), h, wu.to(dt))
 
     # -- activate-freeze ---------------------------------------------------------------------------------
     def reduced_counts(self) -> torch.Tensor:
