@@ -179,8 +179,29 @@ def merge_reports(reports: dict[str, dict[str, Any]], demo_info: dict[str, Any],
     return merged
 
 
+def _routing_text(report: dict[str, Any], entry: dict[str, Any]) -> str:
+    """Routing confusion after the last task: % of each test set's images per route."""
+    from .evaluation.report import column_names, format_table
+    rows = entry["routing_confusion"]
+    names = column_names(report.get("tasks", []), report.get("held_out", []), len(rows))[0]
+    pct = [[100.0 * v / max(sum(r), 1) for v in r] for r in rows]
+    routes = list(report.get("tasks", []))[: len(rows[0]) - 1] + ["zero-shot"]
+    return format_table(pct, names, routes, corner="test set \\ route (%)")
+
+
+def _ddas_text(report: dict[str, Any]) -> str:
+    ddas = (report.get("runs", {}).get("moe-adapters") or {}).get("ddas") or []
+    cfg = (report.get("runs", {}).get("moe-adapters") or {}).get("config", {}).get("ddas", {})
+    if not ddas:
+        return ""
+    tasks = report.get("tasks", [])
+    cal = ", ".join(f"{tasks[i] if i < len(tasks) else i} {d['threshold']:.5f}" for i, d in enumerate(ddas))
+    return (f"DDAS thresholds: moecl calibrated per task ({cfg.get('quantile')} quantile of held-out training "
+            f"errors x {cfg.get('margin')}): {cal}; reference fixed: {cfg.get('fixed_threshold')}")
+
+
 def print_results(report: dict[str, Any]) -> None:
-    from .evaluation.report import _routing_table, entry_tables, summary_table
+    from .evaluation.report import entry_tables, summary_table
     held = report.get("held_out") or []
     for method, mode in HEADLINE:
         entry = report["methods"].get(method, {}).get(mode)
@@ -189,10 +210,13 @@ def print_results(report: dict[str, Any]) -> None:
         _say(f"\n=== {method} ({mode}) ===")
         _say(entry_tables(report, entry))
         if entry.get("routing_confusion") is not None and mode == "agnostic":
-            _say("\nDDAS routing after the last task (rows: test set, % of its images per route):")
-            _say(_routing_table(report, entry, markdown=False))
-    _say("\n=== Summary (Transfer / Avg / Last over the 5 learned tasks; held-out = "
-         f"{', '.join(held)}, never trained on) ===")
+            _say("\nDDAS routing after the last task (rows: test set; % of its images per route):")
+            _say(_routing_text(report, entry))
+    text = _ddas_text(report)
+    if text:
+        _say("\n" + text)
+    _say("\n=== Summary (Transfer / Avg / Last over the learned tasks; held-out = "
+         f"{', '.join(held)}, never trained on; oracle = task id given, agnostic = DDAS routes) ===")
     _say(summary_table(report))
 
 
