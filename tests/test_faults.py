@@ -200,3 +200,12 @@ def test_batch_not_divisible_across_ranks_and_bad_ds_config_are_named(tmp_path):
     half.write_text('{"bf16": {"enabled": true}}')
     with pytest.raises(ConfigError, match="enables bf16 but there is no GPU"):
         ds_config(load_config("tiny", [f"train.ds_config={half}"]), 1, torch.device("cpu"))
+
+
+def test_label_out_of_range_is_a_skipped_sample():
+    from moecl.data.decode import BadSample, decode_label
+    assert decode_label({"cls": b"3"}, 10) == 3
+    with pytest.raises(BadSample, match="label 99 outside 0..9"):
+        decode_label({"cls": b"99"}, 10)
+    with pytest.raises(BadSample, match="not an integer"):
+        decode_label({"cls": b"x1"}, 10)
