@@ -20,6 +20,7 @@ A finished sub-run with the same config is reused (``--resume auto``), an interr
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -89,15 +90,29 @@ class _DropRandomInitNotice(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-def _quiet_libraries() -> None:
+@contextlib.contextmanager
+def _quiet_console():
     """Console: the demo's own lines, progress bars and warnings; the trainers' INFO lines still go to
-    each sub-run's train.log."""
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "open_clip"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    each sub-run's train.log. Logging state and torch's thread count are restored afterwards."""
+    import torch
+    names = ("DeepSpeed", "deepspeed", "torch.distributed", "open_clip")
+    levels = {n: logging.getLogger(n).level for n in names}
+    ours = logging.getLogger("moecl")
+    propagate, threads = ours.propagate, torch.get_num_threads()
+    notice = _DropRandomInitNotice()
     root = logging.getLogger()
-    if not any(isinstance(f, _DropRandomInitNotice) for f in root.filters):
-        root.addFilter(_DropRandomInitNotice())
-    logging.getLogger("moecl").propagate = False
+    for n in names:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    root.addFilter(notice)
+    ours.propagate = False
+    try:
+        yield
+    finally:
+        ours.propagate = propagate
+        root.removeFilter(notice)
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+        torch.set_num_threads(threads)
 
 
 def _config(overrides: list[str]):
@@ -222,11 +237,15 @@ def print_results(report: dict[str, Any]) -> None:
 
 def run_demo(args) -> int:
     """The ``moecl demo`` command: ``args.out``, ``args.cache`` (None = default), ``args.quick``."""
+    with _quiet_console():
+        return _run_demo(args)
+
+
+def _run_demo(args) -> int:
     start = time.time()
     out = Path(getattr(args, "out", None) or "runs/demo")
     cache = Path(args.cache).expanduser() if getattr(args, "cache", None) else default_cache()
     quick = bool(getattr(args, "quick", False))
-    _quiet_libraries()
     world_params = WORLD_QUICK if quick else WORLD
     pre_params = PRETRAIN_QUICK if quick else PRETRAIN
     extra = QUICK_OVERRIDES if quick else []

@@ -1,0 +1,94 @@
+"""`moecl demo --quick` end to end: world, cached pretraining, every method through the real stack, report."""
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+
+from moecl.cli import main
+
+NAMES = ["zero-shot", "continual-ft", "moe-adapters-reference", "moecl"]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    out, cache = root / "run", root / "cache"
+    propagate = logging.getLogger("moecl").propagate
+    assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
+    assert logging.getLogger("moecl").propagate == propagate, "the demo restores the logging it quiets"
+    return out, cache
+
+
+def test_report_has_every_method_with_matrices_and_finite_metrics(quick_demo):
+    out, _ = quick_demo
+    report = json.loads((out / "report.json").read_text())
+    tasks, held = report["tasks"], report["held_out"]
+    assert len(tasks) >= 5 and len(held) >= 1
+    assert list(report["methods"]) == NAMES
+    for name in NAMES:
+        modes = report["methods"][name]
+        assert modes, name
+        for mode, entry in modes.items():
+            matrix = entry["matrix"]
+            assert len(matrix) == len(tasks), (name, mode)
+            assert all(len(row) == len(tasks) + len(held) for row in matrix), (name, mode)
+            assert all(0.0 <= v <= 100.0 for row in matrix for v in row)
+            for key in ("transfer", "avg", "last"):
+                assert isinstance(entry["metrics"][key], float) and math.isfinite(entry["metrics"][key]), (name, key)
+    assert set(report["methods"]["moecl"]) == {"oracle", "agnostic"}
+    assert set(report["methods"]["moe-adapters-reference"]) == {"oracle", "agnostic"}
+    # one trained model, two routings: the oracle rows are the same, the DDAS settings are recorded
+    assert report["methods"]["moecl"]["oracle"]["matrix"] == report["methods"]["moe-adapters-reference"]["oracle"]["matrix"]
+    demo = report["demo"]
+    assert demo["quick"] is True and len(demo["claims"]) == 5
+    assert set(demo["pretrain"]["zero_shot"]) == set(tasks + held)
+    runs = report["runs"]
+    assert set(runs) == {"zero-shot", "continual-ft", "moe-adapters"}
+    assert len(runs["moe-adapters"]["ddas"]) == len(tasks)
+
+
+def test_heatmaps_tensorboard_and_sub_runs_exist(quick_demo):
+    out, _ = quick_demo
+    plots = {p.name for p in (out / "plots").glob("*.png")}
+    for name in NAMES:
+        assert any(p.startswith(f"accuracy__{name}__") for p in plots), (name, plots)
+    assert "routing__moecl__agnostic.png" in plots
+    assert list((out / "tb").glob("events.out.tfevents.*")), "merged TensorBoard log"
+    for folder in ("zero-shot", "continual-ft", "moe-adapters"):
+        sub = out / "runs" / folder
+        assert (sub / "report.json").is_file() and (sub / "config.yaml").is_file()
+        assert list((sub / "tb").glob("events.out.tfevents.*")), folder
+    assert (out / "report.md").read_text().startswith("# moecl report")
+
+
+def test_second_run_reuses_the_cache_and_finished_sub_runs(quick_demo, capsys):
+    out, cache = quick_demo
+    worlds = list((cache / "worlds").iterdir())
+    weights = list((cache / "pretrained").glob("*/model.safetensors"))
+    assert len(worlds) == 1 and len(weights) == 1
+    stamp = weights[0].stat().st_mtime_ns
+    before = json.loads((out / "report.json").read_text())["methods"]
+    assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
+    printed = capsys.readouterr().out
+    assert "(cached)" in printed and "Summary" in printed
+    assert weights[0].stat().st_mtime_ns == stamp
+    after = json.loads((out / "report.json").read_text())["methods"]
+    assert {k: {m: e["matrix"] for m, e in v.items()} for k, v in after.items()} == \
+           {k: {m: e["matrix"] for m, e in v.items()} for k, v in before.items()}
+
+
+def test_pretraining_is_cached_by_its_parameters(quick_demo):
+    from moecl.demo import PRETRAIN_QUICK, WORLD_QUICK, _world_dir
+    from moecl.pretrain import cache_key, cached_result
+    out, cache = quick_demo
+    world = _world_dir(cache, WORLD_QUICK)
+    hit = cached_result(PRETRAIN_QUICK, world, cache / "pretrained")
+    assert hit is not None and hit.weights.is_file() and hit.info["complete"]
+    other = PRETRAIN_QUICK.__class__(**{**PRETRAIN_QUICK.__dict__, "steps": PRETRAIN_QUICK.steps + 1})
+    assert cache_key(other, world) != cache_key(PRETRAIN_QUICK, world)
+    assert cached_result(other, world, cache / "pretrained") is None
+    info = json.loads((hit.weights.parent / "pretrain.json").read_text())
+    assert info["params"] == PRETRAIN_QUICK.as_dict() and info["loss_curve"]
+    assert all(math.isfinite(v) for v in info["zero_shot"].values())
