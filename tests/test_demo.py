@@ -92,3 +92,22 @@ def test_pretraining_is_cached_by_its_parameters(quick_demo):
     info = json.loads((hit.weights.parent / "pretrain.json").read_text())
     assert info["params"] == PRETRAIN_QUICK.as_dict() and info["loss_curve"]
     assert all(math.isfinite(v) for v in info["zero_shot"].values())
+
+
+def test_reference_setting_gets_the_fixed_threshold():
+    """Inside the demo, the reference selector carries the one fixed threshold on every task."""
+    import torch
+
+    from moecl.ddas import DDASSelector
+    from moecl.ddas.autoencoder import TaskAutoencoder
+    from moecl.demo import _honour_fixed_threshold
+    from moecl.evaluation import loading
+    sel = DDASSelector()
+    for t in range(3):
+        sel.add_task(TaskAutoencoder(4, 2, generator=torch.Generator().manual_seed(t)), 0.001 * (t + 1))
+    before = loading.fixed_threshold
+    with _honour_fixed_threshold([]):
+        fixed = loading.fixed_threshold(sel, 0.25)
+    assert fixed.thresholds.tolist() == [0.25, 0.25, 0.25]
+    assert sel.thresholds.tolist() == pytest.approx([0.001, 0.002, 0.003])  # the calibrated one is untouched
+    assert loading.fixed_threshold is before
