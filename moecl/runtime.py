@@ -69,8 +69,9 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
         if device.type == "cpu":
             # DeepSpeed's CPU shared-memory all-reduce serves inference only, compiles a C++ op at start-up and
             # leaves ~64 MB per rank in /dev/shm that nothing frees when a process is killed: use gloo alone.
-            import deepspeed.comm.torch as ds_torch
-            ds_torch.build_shm_op = lambda: None
+            import importlib
+            ds_torch = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch is torch itself
+            ds_torch.build_shm_op = lambda: None                          #  as an attribute of deepspeed.comm)
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
