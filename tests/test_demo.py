@@ -2,7 +2,6 @@
 import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 
