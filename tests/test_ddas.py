@@ -151,3 +151,13 @@ def test_mismatched_feature_dim_is_refused():
     sel.add_task(TaskAutoencoder(D, 4), 0.1)
     with pytest.raises(ValueError):
         sel.add_task(TaskAutoencoder(D + 1, 4), 0.1)
+
+
+def test_reference_setting_really_uses_the_fixed_threshold():
+    from moecl.ddas import DDASSelector, TaskAutoencoder
+    from moecl.evaluation.loading import fixed_threshold
+    sel = DDASSelector()
+    sel.add_task(TaskAutoencoder(8, 4, generator=torch.Generator().manual_seed(0)), 0.123)
+    sel.add_task(TaskAutoencoder(8, 4, generator=torch.Generator().manual_seed(1)), 0.456)
+    fixed = fixed_threshold(sel, 0.5)
+    assert fixed.thresholds.tolist() == [0.5, 0.5] and sel.thresholds.tolist() == pytest.approx([0.123, 0.456])

@@ -109,6 +109,7 @@ def fixed_threshold(selector: Any, threshold: float) -> Any:
     from ..ddas import DDASSelector
     tensors, meta = selector.to_state()
     meta = dict(meta, thresholds=[float(threshold)] * len(meta["thresholds"]))
+    tensors = dict(tensors, thresholds=torch.full_like(tensors["thresholds"], float(threshold)))  # the buffer wins
     return DDASSelector.from_state(tensors, meta)
 
 
