@@ -115,39 +115,6 @@ def _quiet_console():
         torch.set_num_threads(threads)
 
 
-@contextlib.contextmanager
-def _honour_fixed_threshold(notes: list[str]):
-    """Work around a bug outside this file, only while it is there: ``moecl.evaluation.loading.fixed_threshold``
-    rebuilds the selector with ``DDASSelector.from_state(tensors, meta)``, and the ``thresholds`` buffer in
-    ``tensors`` (the calibrated values) overwrites the fixed ones put in ``meta``, so the reference setting
-    would run per batch with the calibrated thresholds. Probed on a one-task selector: when the helper
-    returns the threshold it was asked for, nothing is patched."""
-    import torch
-
-    from .ddas import DDASSelector
-    from .ddas.autoencoder import TaskAutoencoder
-    from .evaluation import loading
-    probe = DDASSelector()
-    probe.add_task(TaskAutoencoder(2, 1, generator=torch.Generator().manual_seed(0)), 1.0)
-    original = loading.fixed_threshold
-    if float(original(probe, 0.5).thresholds[0]) == 0.5:
-        yield
-        return
-
-    def fixed(selector, threshold):
-        out = original(selector, threshold)
-        out.thresholds.fill_(float(threshold))
-        return out
-
-    notes.append("moecl.evaluation.loading.fixed_threshold kept the calibrated thresholds; the demo set the "
-                 "fixed threshold on the selector it returns")
-    loading.fixed_threshold = fixed
-    try:
-        yield
-    finally:
-        loading.fixed_threshold = original
-
-
 def _config(overrides: list[str]):
     from .config import load_config
     return load_config(DEMO_CONFIG, overrides)
@@ -263,8 +230,6 @@ def print_results(report: dict[str, Any]) -> None:
     text = _ddas_text(report)
     if text:
         _say("\n" + text)
-    for note in (report.get("demo") or {}).get("workarounds") or []:
-        _say(f"note: {note}")
     _say("\n=== Summary (Transfer / Avg / Last over the learned tasks; held-out = "
          f"{', '.join(held)}, never trained on; oracle = task id given, agnostic = DDAS routes) ===")
     _say(summary_table(report))
@@ -335,11 +300,9 @@ def _run_demo(args) -> int:
         common.append(f"runtime.threads={threads}")
     reports: dict[str, dict[str, Any]] = {}
     overrides_used: dict[str, list[str]] = {}
-    notes: list[str] = []
-    with _honour_fixed_threshold(notes):
-        for k, (folder, overrides) in enumerate(METHOD_RUNS):
-            _run_method(k, folder, overrides, extra + common, out, seq, reports, timings)
-            overrides_used[folder] = overrides
+    for k, (folder, overrides) in enumerate(METHOD_RUNS):
+        _run_method(k, folder, overrides, extra + common, out, seq, reports, timings)
+        overrides_used[folder] = overrides
 
     # 4. the report -----------------------------------------------------------------------------------------
     from .evaluation.report import log_to_tensorboard, write_report
@@ -348,7 +311,7 @@ def _run_demo(args) -> int:
                  "pretrain": {"weights": str(pre.weights), "cached": pre.cached,
                               **{k: v for k, v in pre.info.items() if k != "loss_curve"}},
                  "config": DEMO_CONFIG, "overrides": {"all": extra + common, **overrides_used},
-                 "timings": timings, "device": str(device), "threads": threads, "workarounds": notes}
+                 "timings": timings, "device": str(device), "threads": threads}
     report = merge_reports(reports, demo_info, timings["total_s"])
     report["demo"]["claims"] = check_claims(report)
     write_report(out, report)

@@ -94,19 +94,15 @@ def test_pretraining_is_cached_by_its_parameters(quick_demo):
 
 
 def test_reference_setting_gets_the_fixed_threshold():
-    """Inside the demo, the reference selector carries the one fixed threshold on every task."""
+    """The reference selector carries the one fixed threshold on every task, the calibrated one is untouched."""
     import torch
 
     from moecl.ddas import DDASSelector
     from moecl.ddas.autoencoder import TaskAutoencoder
-    from moecl.demo import _honour_fixed_threshold
     from moecl.evaluation import loading
     sel = DDASSelector()
     for t in range(3):
         sel.add_task(TaskAutoencoder(4, 2, generator=torch.Generator().manual_seed(t)), 0.001 * (t + 1))
-    before = loading.fixed_threshold
-    with _honour_fixed_threshold([]):
-        fixed = loading.fixed_threshold(sel, 0.25)
+    fixed = loading.fixed_threshold(sel, 0.25)
     assert fixed.thresholds.tolist() == [0.25, 0.25, 0.25]
-    assert sel.thresholds.tolist() == pytest.approx([0.001, 0.002, 0.003])  # the calibrated one is untouched
-    assert loading.fixed_threshold is before
+    assert sel.thresholds.tolist() == pytest.approx([0.001, 0.002, 0.003])
