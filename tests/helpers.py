@@ -76,3 +76,15 @@ def run_train(run: Path, world: Path, *overrides: str, nproc: int = 1, resume: s
     if check and proc.returncode != 0:
         raise AssertionError(f"moecl train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def shared_tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One tiny world + 2-task run per test session, shared by test_eval_cli.py and test_predict.py."""
+    import shutil
+    base = tmp_path_factory.getbasetemp() / "moecl-tiny-eval-run"
+    if not (base / "DONE").is_file():
+        shutil.rmtree(base, ignore_errors=True)
+        world = build_world(base / "world")  # shapes, digits; colors held out
+        run_train(base / "run", world)
+        (base / "DONE").write_text("ok")
+    return base / "world", base / "run"

@@ -6,22 +6,11 @@ import pytest
 import torch
 import yaml
 
-from helpers import build_world, run_train
+from helpers import shared_tiny_run, build_world, run_train
 from moecl.cli import main
 from moecl.errors import CheckpointError
 from moecl.evaluation.cli import evaluate_run
 from moecl.evaluation.loading import load_run
-
-
-def shared_tiny_run(tmp_path_factory):
-    """One tiny world + 2-task run per session (test_predict.py reuses it when run in the same session)."""
-    base = tmp_path_factory.getbasetemp() / "moecl-tiny-eval-run"
-    if not (base / "DONE").is_file():
-        shutil.rmtree(base, ignore_errors=True)
-        world = build_world(base / "world")  # shapes, digits; colors held out
-        run_train(base / "run", world)
-        (base / "DONE").write_text("ok")
-    return base / "world", base / "run"
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import build_world, run_train
+from helpers import shared_tiny_run, build_world, run_train
 from moecl.cli import main
 from moecl.errors import DataError
 from moecl.evaluation.predict import Predictor, find_images
-
-
-def shared_tiny_run(tmp_path_factory):
-    """Same world + run as test_eval_cli.py (built once per session, whichever module comes first)."""
-    base = tmp_path_factory.getbasetemp() / "moecl-tiny-eval-run"
-    if not (base / "DONE").is_file():
-        shutil.rmtree(base, ignore_errors=True)
-        world = build_world(base / "world")  # shapes, digits; colors held out
-        run_train(base / "run", world)
-        (base / "DONE").write_text("ok")
-    return base / "world", base / "run"
 
 
 @pytest.fixture(scope="module")
