@@ -26,7 +26,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: latest task end)")
     p.add_argument("--data-root", default=None, help="evaluate on shards under another root")
     p.add_argument("--sequence", default=None, help="evaluate on another sequence file")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides (eval.*, ddas.*)")
+    p.add_argument("overrides", nargs="*",
+                   help="section.field=value overrides (eval.*, ddas.*, data.max_bad_fraction, ...)")
 
 
 def _add_report(sub) -> None:

@@ -78,6 +78,14 @@ class DataConfig(_Section):
     train_crop_scale: tuple[float, float] = Field((0.9, 1.0), description="RandomResizedCrop scale")
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0,
                                     description="corrupt samples tolerated before a stream stops")
+    max_member_bytes: int = Field(64 << 20, ge=1, description="largest file of a sample (image) read from a "
+                                  "shard; bigger ones are skipped and counted as bad")
+    max_shard_bytes: int = Field(16 << 30, ge=1, description="most bytes one shard may decompress to; the rest is "
+                                 "cut off and counted as bad")
+    shard_url_template: Optional[str] = Field(
+        None, description="read shards from this URL instead of <root>/<task>/<shard>, e.g. 'pipe:aws s3 cp "
+                          "s3://b/{task}/{shard} -' (placeholders {root} {task} {split} {shard}); also "
+                          "MOECL_SHARD_URL_TEMPLATE. Never taken from a data folder")
 
 
 class TrainConfig(_Section):

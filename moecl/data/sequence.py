@@ -2,22 +2,38 @@
 
 A sequence is addressed by a shipped name (``moecl/sequences/<name>.yaml``), by a path, or, when the data
 root carries its own ``sequence.yaml`` with that name (the synthetic builder writes one), by that file:
-the data's own description wins because it matches what was actually built.
+the data's own description wins because it matches what was actually built. Task names in a sequence file
+are folder names under the data root: plain names only (no paths, URLs or commands), checked like task.json.
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 
 from ..errors import DataError
+from .shards import ShardLimits
 from .task import TaskInfo, read_task
+from .untrusted import check_plain_name, regular_file_problem
 
 SEQUENCE_DIR = Path(__file__).resolve().parents[1] / "sequences"
 KINDS = ("mtil", "cil")
+MAX_SEQUENCE_FILE_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors/aliases: a sequence file never needs them, and an alias bomb expands to
+    gigabytes when walked."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases (*{event.anchor}) are not allowed in a sequence file "
+                                 f"({event.start_mark})")
+        return super().compose_node(parent, index)
 
 
 @dataclass
@@ -52,9 +68,14 @@ def shipped_sequences() -> dict[str, Path]:
 
 
 def _read_yaml(path: Path) -> dict:
+    problem = regular_file_problem(path)
+    if problem:
+        raise DataError(f"sequence file {path} {problem}")
+    if path.stat().st_size > MAX_SEQUENCE_FILE_BYTES:
+        raise DataError(f"sequence file {path} is {path.stat().st_size} bytes; a sequence file is a short YAML list")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise DataError(f"sequence file {path} is not readable YAML: {e}") from None
     if not isinstance(data, dict):
         raise DataError(f"sequence file {path} must be a mapping with 'name', 'kind' and 'tasks'")
@@ -83,39 +104,73 @@ def resolve_sequence(root: str | Path, sequence: str | Path) -> Path:
                     "or give a path to a sequence YAML file)")
 
 
+def _build_hint(build: Any) -> Optional[str]:
+    """A sequence file's ``build`` command, shown in messages only when it is a data_tools command (a data
+    folder's own sequence.yaml must not get to suggest arbitrary commands)."""
+    if isinstance(build, str) and build.startswith("python -m data_tools ") and "\n" not in build:
+        return build
+    return None
+
+
 def _missing_task_message(task: str, task_dir: Path, seq_name: str, build: Optional[str], root: Path) -> str:
     how = (build or "python -m data_tools --help").replace("{root}", str(root))
     return (f"sequence '{seq_name}' names task '{task}' but {task_dir / 'task.json'} does not exist; "
             f"build it with: {how}")
 
 
-def load_sequence(root: str | Path, sequence: str | Path, *, url_template: Optional[str] = None) -> Sequence:
-    """Read a sequence file and the ``task.json`` of each task it names under ``root``."""
-    root = Path(root)
-    path = resolve_sequence(root, sequence)
+def read_sequence_file(path: Path) -> dict[str, Any]:
+    """A sequence file's mapping, checked (the loaders and ``python -m data_tools verify`` share this): a name,
+    a known kind, a non-empty task list, task names that are plain folder names (no paths, URLs, commands)."""
     data = _read_yaml(path)
     for key in ("name", "tasks"):
         if key not in data:
             raise DataError(f"sequence file {path} lacks '{key}'")
-    kind = str(data.get("kind", "mtil"))
+    if not isinstance(data["name"], str) or not data["name"].strip():
+        raise DataError(f"sequence file {path}: 'name' must be a non-empty string, found {data['name']!r:.60}")
+    kind = data.get("kind", "mtil")
     if kind not in KINDS:
-        raise DataError(f"sequence file {path}: kind '{kind}' is not one of {', '.join(KINDS)}")
+        raise DataError(f"sequence file {path}: kind {kind!r:.40} is not one of {', '.join(KINDS)}")
     names = data["tasks"]
     held = data.get("held_out") or []
     if not isinstance(names, list) or not names or not isinstance(held, list):
         raise DataError(f"sequence file {path}: 'tasks' must be a non-empty list and 'held_out' a list")
+    for i, task in enumerate(names):
+        check_plain_name(task, f"sequence file {path}", f"tasks[{i}]")
+    for i, task in enumerate(held):
+        check_plain_name(task, f"sequence file {path}", f"held_out[{i}]")
     dup = {n for n in [*names, *held] if [*names, *held].count(n) > 1}
     if dup:
-        raise DataError(f"sequence file {path} lists task(s) more than once: {', '.join(sorted(map(str, dup)))}")
+        raise DataError(f"sequence file {path} lists task(s) more than once: {', '.join(sorted(dup))}")
+    return {**data, "kind": kind}
+
+
+def data_options(data: Any) -> dict[str, Any]:
+    """``load_sequence`` keyword arguments from a config's ``data`` section (URL template, shard limits)."""
+    defaults = ShardLimits()
+    return {"url_template": getattr(data, "shard_url_template", None), "template_source": "data.shard_url_template",
+            "limits": ShardLimits(getattr(data, "max_member_bytes", defaults.max_member_bytes),
+                                  getattr(data, "max_shard_bytes", defaults.max_shard_bytes))}
+
+
+def load_sequence(root: str | Path, sequence: str | Path, *, url_template: Optional[str] = None,
+                  template_source: str = "url_template", limits: Optional[ShardLimits] = None) -> Sequence:
+    """Read a sequence file and the ``task.json`` of each task it names under ``root``.
+
+    ``url_template`` (named ``template_source`` in messages) and ``limits``: see ``read_task``;
+    ``**data_options(cfg.data)`` passes the config's."""
+    root = Path(root)
+    path = resolve_sequence(root, sequence)
+    data = read_sequence_file(path)
+    kind, names, held = data["kind"], data["tasks"], data.get("held_out") or []
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist; build the data first: "
-                        + (data.get("build") or "python -m data_tools --help").replace("{root}", str(root)))
+        how = _build_hint(data.get("build")) or "python -m data_tools --help"
+        raise DataError(f"data root {root} does not exist; build the data first: " + how.replace("{root}", str(root)))
 
     def load(task: str) -> TaskInfo:
         task_dir = root / str(task)
-        if not (task_dir / "task.json").is_file():
-            raise DataError(_missing_task_message(str(task), task_dir, str(data["name"]), data.get("build"), root))
-        info = read_task(task_dir, url_template=url_template)
+        if not (task_dir / "task.json").exists():
+            raise DataError(_missing_task_message(task, task_dir, data["name"], _build_hint(data.get("build")), root))
+        info = read_task(task_dir, url_template=url_template, template_source=template_source, limits=limits)
         return info
 
     return Sequence(name=str(data["name"]), kind=kind, tasks=[load(t) for t in names],

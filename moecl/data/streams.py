@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError
 from .decode import BadSample, decode_json, decode_label, decode_sample_image, decode_text
-from .shards import ShardError, expand_urls, read_shard
+from .shards import SKIP_KEY, ShardError, ShardLimits, expand_urls, read_shard
 from .stats import StreamStats, bad_event
 from .task import TaskInfo, read_task
 
@@ -113,8 +113,10 @@ class _ShardDataset(IterableDataset):
     def __init__(self, *, urls: list[str], counts: Optional[list[int]], mode: str, batch_size: int, rank: int,
                  world_size: int, seed: int, preprocess: Preprocess, shuffle_buffer: int, resampled: bool,
                  num_classes: Optional[int], where: str, max_samples: Optional[int] = None,
-                 captions: bool = False, classnames: Optional[list[str]] = None):
+                 captions: bool = False, classnames: Optional[list[str]] = None,
+                 limits: Optional[ShardLimits] = None, local: bool = True):
         super().__init__()
+        self.limits, self.local = limits or ShardLimits(), local
         self.urls, self.counts, self.mode = urls, counts, mode
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.preprocess, self.shuffle_buffer, self.resampled = preprocess, shuffle_buffer, resampled
@@ -131,7 +133,7 @@ class _ShardDataset(IterableDataset):
         expected = self.counts[shard] if self.counts is not None else None
         pos = 0
         try:
-            for raw in read_shard(url):
+            for raw in read_shard(url, self.limits, local=self.local):
                 if expected is not None and pos >= expected:
                     raise DataError(f"{self.where}: shard {url} holds more samples than task.json says "
                                     f"({expected}); the shard was replaced after task.json was written: "
@@ -153,6 +155,8 @@ class _ShardDataset(IterableDataset):
 
     def _decode(self, key: str, raw: dict[str, Any], rng: random.Random, url: str):
         try:
+            if SKIP_KEY in raw:  # a member over data.max_member_bytes: never read
+                raise BadSample(raw[SKIP_KEY])
             image = decode_sample_image(raw)
             if self.captions:
                 meta = decode_json(raw)
@@ -426,7 +430,7 @@ def train_batches(task: TaskInfo, split: str = "train", *, batch_size: int, rank
     ds = _ShardDataset(urls=urls, counts=counts, mode="train", batch_size=batch_size, rank=rank,
                        world_size=world_size, seed=seed, preprocess=preprocess, shuffle_buffer=shuffle_buffer,
                        resampled=resampled, num_classes=task.num_classes, where=where,
-                       classnames=task.classnames)
+                       classnames=task.classnames, limits=task.limits, local=not task.remote)
     return TrainStream(ds, workers, max_bad_fraction, where, _seed(seed, rank, "loader"), pin_memory)
 
 
@@ -470,7 +474,7 @@ def eval_batches(task: TaskInfo, split: str = "test", *, batch_size: int, rank: 
     ds = _ShardDataset(urls=urls, counts=counts, mode="eval", batch_size=batch_size, rank=rank,
                        world_size=world_size, seed=0, preprocess=preprocess, shuffle_buffer=0, resampled=False,
                        num_classes=task.num_classes, where=where, max_samples=max_samples,
-                       classnames=task.classnames)
+                       classnames=task.classnames, limits=task.limits, local=not task.remote)
     return EvalStream(ds, workers, max_bad_fraction, where, _seed(rank, "eval"), pin_memory, task=task,
                       split=split, rank=rank, world_size=world_size, expected=expected, expected_total=total,
                       planned_batches=planned, equal_batches=equal_batches, batch_size=batch_size)
@@ -496,5 +500,6 @@ def pretrain_batches(root: str, *, batch_size: int, rank: int = 0, world_size: i
     where = f"pretrain set {task_dir} split '{split}'"
     ds = _ShardDataset(urls=urls, counts=counts, mode="train", batch_size=batch_size, rank=rank,
                        world_size=world_size, seed=seed, preprocess=preprocess, shuffle_buffer=shuffle_buffer,
-                       resampled=resampled, num_classes=None, where=where, captions=True)
+                       resampled=resampled, num_classes=None, where=where, captions=True,
+                       limits=task.limits, local=not task.remote)
     return TrainStream(ds, workers, max_bad_fraction, where, _seed(seed, rank, "loader"), pin_memory)

@@ -47,7 +47,7 @@ def evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
     cfg, seq = loaded.cfg, loaded.sequence
     ev = Evaluator(loaded.model, loaded.tokenizer, loaded.eval_tf, device=loaded.device,
                    batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, autocast=loaded.autocast,
-                   max_samples=cfg.eval.max_samples)
+                   max_samples=cfg.eval.max_samples, max_bad_fraction=cfg.data.max_bad_fraction)
     trained = loaded.num_trained_tasks
     num_routes = max(len(loaded.trained_task_names), trained)
     route_names = [loaded.route_name(r) for r in range(num_routes)] + ["zero-shot"]

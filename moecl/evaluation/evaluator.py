@@ -63,12 +63,14 @@ class Evaluator:
 
     def __init__(self, model, tokenizer, preprocess: Callable, *, device: torch.device, batch_size: int,
                  rank: int = 0, world_size: int = 1, workers: int = 0, autocast: Optional[Callable] = None,
-                 max_samples: Optional[int] = None, collective_routes: bool = False):
+                 max_samples: Optional[int] = None, collective_routes: bool = False,
+                 max_bad_fraction: float = 0.01):
         self.model, self.tokenizer, self.preprocess = model, tokenizer, preprocess
         self.device, self.batch_size = device, batch_size
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.autocast = autocast or contextlib.nullcontext
         self.max_samples = max_samples
+        self.max_bad_fraction = max_bad_fraction  # data.max_bad_fraction
         # with experts sharded over ranks every forward is a collective: every rank must run the same ones
         self.collective_routes = collective_routes
         self._heads: dict[tuple[str, int], torch.Tensor] = {}
@@ -103,7 +105,7 @@ class Evaluator:
         result = SetResult()
         stream = eval_batches(task, split, batch_size=self.batch_size, rank=self.rank, world_size=self.world_size,
                               workers=self.workers, preprocess=self.preprocess, max_samples=self.max_samples,
-                              equal_batches=self.collective_routes)
+                              equal_batches=self.collective_routes, max_bad_fraction=self.max_bad_fraction)
         if self.collective_routes:  # heads of every route first, in the same order on every rank
             for r in [ZERO_SHOT, *range(trained)]:
                 self.head(labels, r)

@@ -27,6 +27,9 @@ log = logging.getLogger("moecl")
 
 ZERO_SHOT = -1
 EVAL_OVERRIDE_SECTIONS = ("eval", "ddas")
+# how the test shards are read (not which, not the model): an eval may change these too
+EVAL_OVERRIDE_KEYS = ("data.max_bad_fraction", "data.max_member_bytes", "data.max_shard_bytes",
+                      "data.shard_url_template")
 
 
 @dataclass
@@ -148,8 +151,9 @@ def run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> Config:
     overrides = list(overrides or [])
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key.split(".", 1)[0] not in EVAL_OVERRIDE_SECTIONS:
-            raise ConfigError(f"override '{item}': only eval.* and ddas.* can change when evaluating a trained run "
+        if key.split(".", 1)[0] not in EVAL_OVERRIDE_SECTIONS and key not in EVAL_OVERRIDE_KEYS:
+            raise ConfigError(f"override '{item}': only eval.*, ddas.* and {', '.join(EVAL_OVERRIDE_KEYS)} can "
+                              "change when evaluating a trained run "
                               f"(the model, data and training settings are the run's own, from {path})")
     parse_overrides(overrides)  # unknown keys fail here, naming the key
     return load_config(path, overrides)
@@ -206,7 +210,7 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
     ``data_root`` / ``sequence`` choose other shards to evaluate on (default: the run's own);
     ``overrides`` are ``eval.*`` / ``ddas.*`` settings. ``device``: auto (GPU when present), cpu, cuda[:i].
     """
-    from ..data import load_sequence, make_transforms
+    from ..data import data_options, load_sequence, make_transforms
     from ..ddas import DDASSelector
     from ..model import image_size_of, tokenizer_for
     from ..model.state import load_adapter_state
@@ -248,7 +252,7 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
     seq = None
     if load_sequence_data:
         seq = load_sequence(data_root if data_root is not None else cfg.data.root,
-                            sequence if sequence is not None else cfg.data.sequence)
+                            sequence if sequence is not None else cfg.data.sequence, **data_options(cfg.data))
     names = _trained_task_names(run_dir, cfg) if (sequence is not None or data_root is not None or seq is None) \
         else seq.task_names
     pcfg = getattr(model.clip.visual, "preprocess_cfg", {}) or {}

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import yaml
 
 from ..config import Config
-from ..data import Sequence, eval_batches, fill_template, load_sequence, make_transforms, train_batches
+from ..data import (Sequence, data_options, eval_batches, fill_template, load_sequence, make_transforms,
+                    train_batches)
 from ..ddas import DDASSelector, fit_autoencoder
 from ..errors import CheckpointError, MoeclError
 from ..evaluation.evaluator import Evaluator, cil_label_set, confusion_row, label_set
@@ -81,7 +82,7 @@ class ContinualTrainer:
         self.device = self.info.device
         self.method = cfg.train.method
         self._setup_run_dir()
-        self.seq: Sequence = load_sequence(cfg.data.root, cfg.data.sequence)
+        self.seq: Sequence = load_sequence(cfg.data.root, cfg.data.sequence, **data_options(cfg.data))
         if not self.seq.tasks:
             raise MoeclError(f"sequence {self.seq.name!r} names no tasks")
         self.ds = ds_config(cfg, self.info.world_size, self.device)
@@ -305,7 +306,8 @@ class ContinualTrainer:
         """Frozen-CLIP image embeddings of up to ``limit`` images of ``task``, gathered from every rank."""
         stream = eval_batches(task, split, batch_size=self.cfg.eval.batch_size, rank=self.info.rank,
                               world_size=self.info.world_size, workers=self.cfg.eval.workers,
-                              preprocess=self.eval_tf, max_samples=limit, equal_batches=True)
+                              preprocess=self.eval_tf, max_samples=limit, equal_batches=True,
+                              max_bad_fraction=self.cfg.data.max_bad_fraction)
         feats = []
         self.model.eval()
         for images, labels, _ in stream:
@@ -336,6 +338,7 @@ class ContinualTrainer:
         return Evaluator(self.model, self.tokenizer, self.eval_tf, device=self.device,
                          batch_size=self.cfg.eval.batch_size, rank=self.info.rank, world_size=self.info.world_size,
                          workers=self.cfg.eval.workers, autocast=self.autocast, max_samples=self.cfg.eval.max_samples,
+                         max_bad_fraction=self.cfg.data.max_bad_fraction,
                          collective_routes=self.cfg.moe.ep_size > 1 and self.method == "moe-adapters")
 
     def eval_modes(self) -> list[EvalMode]:
