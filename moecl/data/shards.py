@@ -152,19 +152,21 @@ def read_shard(url: str, limits: Optional[ShardLimits] = None, *, local: bool = 
                 tar.members = []  # streaming: do not keep every header in memory
                 if member.size < 0:
                     raise tarfile.ReadError(f"member {member.name!r:.80} has a negative size")
-                if member.offset_data + member.size > limits.max_shard_bytes:
-                    raise OSError(f"decompresses to more than {limits.max_shard_bytes} bytes "
-                                  f"(data.max_shard_bytes; member {member.name!r:.80} ends at byte "
-                                  f"{member.offset_data + member.size}); raise it if the shard is genuine")
-                if not member.isreg() or not safe_member_name(member.name):
-                    continue  # links, devices, absolute or ``..`` names: never part of a sample
+                end = member.offset_data + member.size
+                over = OSError(f"decompresses to more than {limits.max_shard_bytes} bytes (data.max_shard_bytes; "
+                               f"member {member.name!r:.80} ends at byte {end}); raise it if the shard is genuine")
                 prefix, suffix = base_plus_ext(member.name)
-                if prefix is None or suffix.startswith("__"):
-                    continue
+                if not member.isreg() or not safe_member_name(member.name) or prefix is None \
+                        or suffix.startswith("__"):
+                    if end > limits.max_shard_bytes:
+                        raise over
+                    continue  # links, devices, absolute or ``..`` names: never part of a sample
                 if current is not None and prefix != current["__key__"]:
                     group, current = current, None
                     completed += 1
                     yield group
+                if end > limits.max_shard_bytes:  # checked before tarfile decompresses past it
+                    raise over
                 if current is None:
                     current = {"__key__": prefix}
                 if member.size > limits.max_member_bytes:
