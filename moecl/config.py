@@ -83,7 +83,7 @@ class DataConfig(_Section):
     max_shard_bytes: int = Field(16 << 30, ge=1, description="most bytes one shard may decompress to; the rest is "
                                  "cut off and counted as bad")
     shard_url_template: Optional[str] = Field(
-        None, description="read shards from this URL instead of <root>/<task>/<shard>, e.g. 'pipe:aws s3 cp "
+        None, description="read shards from this URL instead of ROOT/TASK/SHARD, e.g. 'pipe:aws s3 cp "
                           "s3://b/{task}/{shard} -' (placeholders {root} {task} {split} {shard}); also "
                           "MOECL_SHARD_URL_TEMPLATE. Never taken from a data folder")
 

@@ -147,7 +147,7 @@ def read_shard(url: str, limits: Optional[ShardLimits] = None, *, local: bool = 
         current: dict[str, Any] | None = None
         try:
             tar = tarfile.open(fileobj=_decompressed(stream, limits.max_shard_bytes), mode="r|",
-                               tarinfo=_BoundedTarInfo, bufsize=READ_BLOCK)
+                               tarinfo=_BoundedTarInfo)
             for member in tar:
                 tar.members = []  # streaming: do not keep every header in memory
                 if member.size < 0:
