@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from moecl.data.untrusted import NAME_RULE, plain_name_problem
 from moecl.errors import DataError
 
 from .taskfile import write_task
@@ -85,6 +86,10 @@ def build_task(out_root: str | Path, name: str, *, classnames: list[str], train_
                class_ids: Optional[list[int]] = None, cil: Optional[dict[str, Any]] = None,
                source: Optional[dict[str, Any]] = None) -> Path:
     """Write every split of one task and its ``task.json``; returns the task folder."""
+    for what, value in [("task name (--task)", name), *(("split name", sp) for sp in splits)]:
+        problem = plain_name_problem(value)
+        if problem:  # the loaders refuse anything else in task.json and sequence files
+            raise DataError(f"{what} {problem}; choose one that is {NAME_RULE}")
     task_dir = Path(out_root) / name
     results: dict[str, SplitResult] = {}
     for split, items in splits.items():

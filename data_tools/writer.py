@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 
 from PIL import Image
 
+from moecl.data.decode import image_error, to_rgb
+
 FORMAT_VERSION = 2
 PROGRESS_DIR = ".progress"
 
@@ -99,11 +101,11 @@ def parse_bytes(text: str | int | None) -> Optional[int]:
 def _encode(img: Image.Image, fmt: str, quality: int) -> tuple[bytes, str]:
     buf = io.BytesIO()
     if fmt == "jpg":
-        img = img.convert("RGB")
+        img = to_rgb(img)
         img.save(buf, format="JPEG", quality=quality)
         return buf.getvalue(), "jpg"
     if img.mode not in ("RGB", "L", "RGBA"):
-        img = img.convert("RGB")
+        img = to_rgb(img)  # 16-bit / float: scaled by range, not clipped to white
     img.save(buf, format="PNG", compress_level=6)
     return buf.getvalue(), "png"
 
@@ -197,7 +199,7 @@ def _write_shard(job: dict[str, Any]) -> dict[str, Any]:
                 try:
                     data, ext = load_image_bytes(item, opts)
                 except Exception as e:  # noqa: BLE001 - anything PIL or the file system raises
-                    bad.append({"source": item.source, "error": f"{type(e).__name__}: {e}"})
+                    bad.append({"source": item.source, "error": image_error(e, str(item.source))})
                     continue
                 meta = {"label": item.label, "classname": classnames[item.label], "source": item.source,
                         **item.meta}

@@ -387,6 +387,31 @@ def test_bad_image_messages_name_the_file_and_the_sample(tmp_path):
     assert "BytesIO" not in ev["reason"]
 
 
+def test_data_tools_folder_scales_16_bit_names_bad_images_and_refuses_unsafe_task_names(tmp_path):
+    from data_tools.folder import convert_folder
+    from data_tools.writer import WriteOptions
+    src = tmp_path / "src"
+    for c, cls in enumerate(("dark", "light")):
+        (src / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.tile(np.linspace(0, 4000 * (c + 1), 32).astype(np.uint16), (8, 1))).save(
+                src / cls / f"{i}.png")
+    (src / "light" / "broken.png").write_bytes(b"\x89PNG not really")
+    opts = WriteOptions(shard_size=8, progress=False, image_format="jpg")
+    task = read_task(convert_folder(src, tmp_path / "out", task="ramps", opts=opts))
+    bad = json.loads((task.root / "bad_images.json").read_text())["train"]
+    assert len(bad) == 1 and "broken.png" in bad[0]["error"] and "BytesIO" not in bad[0]["error"]
+    with tarfile.open(task.urls("train")[0]) as tar:
+        jpgs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    assert len(jpgs) == 4
+    for data in jpgs:  # stored 8-bit: the ramp, not white
+        row = np.asarray(decode_image(data))[4, :, 0].astype(int)
+        assert row[0] < 20 and row[-1] > 235 and 90 < row.mean() < 165
+    with pytest.raises(DataError, match="task name"):
+        convert_folder(src, tmp_path / "out", task="ramps; touch x", opts=opts)
+    assert not (tmp_path / "out" / "ramps; touch x").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 16. `moecl eval` can follow the advice to raise data.max_bad_fraction
 
