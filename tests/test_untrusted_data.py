@@ -304,6 +304,14 @@ def test_oversized_pax_header_is_refused_not_read(tmp_path):
     assert peak < 8 << 20
 
 
+def test_image_over_the_pixel_limit_is_skipped_not_decoded(tmp_path, monkeypatch):
+    task = read_task(_task(tmp_path / "px", {"test-000000.tar": 3}))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 16x16 = 256 pixels: PIL would only warn
+    stream, keys = _eval_all(task, max_bad_fraction=1.0)
+    assert keys == [] and stream.stats.bad_samples == 3
+    assert "DecompressionBomb" in stream.stats.events[0]["reason"] and "00000000.png" in stream.stats.events[0]["reason"]
+
+
 def test_config_defaults_are_the_loader_defaults():
     d, limits = DataConfig(), ShardLimits()
     assert (d.max_member_bytes, d.max_shard_bytes) == (limits.max_member_bytes, limits.max_shard_bytes)
@@ -340,7 +348,8 @@ def test_fifo_in_place_of_a_shard_is_refused_not_blocked_on(tmp_path):
     ("shard_counts.test", [-1, 9]), ("class_ids", ["a", "b"]), ("class_ids", [1]), ("sha256", ["x"]),
     ("kind", 3), ("cil", "yes")])
 def test_malformed_task_json_field_is_named_with_the_file(tmp_path, field, value):
-    task_dir = _task(tmp_path / "root" / "t", {"test-000000.tar": 4, "test-000001.tar": 4}, edit=_set(field, value))
+    task_dir = _task(tmp_path / "root" / "t", {"test-000000.tar": 4, "test-000001.tar": 4},
+                     edit=_set(field, value))
     with pytest.raises(DataError) as e:
         read_task(task_dir)
     top = field.split(".")[0]

@@ -152,8 +152,8 @@ def run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> Config:
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key.split(".", 1)[0] not in EVAL_OVERRIDE_SECTIONS and key not in EVAL_OVERRIDE_KEYS:
-            raise ConfigError(f"override '{item}': only eval.*, ddas.* and {', '.join(EVAL_OVERRIDE_KEYS)} can "
-                              "change when evaluating a trained run "
+            raise ConfigError(f"override '{item}': only eval.* and ddas.* (and {', '.join(EVAL_OVERRIDE_KEYS)}) "
+                              "can change when evaluating a trained run "
                               f"(the model, data and training settings are the run's own, from {path})")
     parse_overrides(overrides)  # unknown keys fail here, naming the key
     return load_config(path, overrides)
