@@ -129,6 +129,11 @@ def _open(url: str, local: bool) -> BinaryIO:
     return gopen(url, "rb")
 
 
+def _past_cap(member: tarfile.TarInfo, end: int, limits: ShardLimits) -> OSError:
+    return OSError(f"decompresses to more than {limits.max_shard_bytes} bytes (data.max_shard_bytes; member "
+                   f"{member.name!r:.80} ends at byte {end}); raise it if the shard is genuine")
+
+
 def read_shard(url: str, limits: Optional[ShardLimits] = None, *, local: bool = True) -> Iterator[dict[str, Any]]:
     """Yield the samples of one tar shard as ``{"__key__": key, ext: bytes, ...}`` groups, in order.
 
@@ -153,24 +158,22 @@ def read_shard(url: str, limits: Optional[ShardLimits] = None, *, local: bool = 
                 if member.size < 0:
                     raise tarfile.ReadError(f"member {member.name!r:.80} has a negative size")
                 end = member.offset_data + member.size
-                over = OSError(f"decompresses to more than {limits.max_shard_bytes} bytes (data.max_shard_bytes; "
-                               f"member {member.name!r:.80} ends at byte {end}); raise it if the shard is genuine")
                 prefix, suffix = base_plus_ext(member.name)
                 if not member.isreg() or not safe_member_name(member.name) or prefix is None \
                         or suffix.startswith("__"):
                     if end > limits.max_shard_bytes:
-                        raise over
+                        raise _past_cap(member, end, limits)
                     continue  # links, devices, absolute or ``..`` names: never part of a sample
                 if current is not None and prefix != current["__key__"]:
                     group, current = current, None
                     completed += 1
                     yield group
                 if end > limits.max_shard_bytes:  # checked before tarfile decompresses past it
-                    raise over
+                    raise _past_cap(member, end, limits)
                 if current is None:
                     current = {"__key__": prefix}
                 if member.size > limits.max_member_bytes:
-                    current[SKIP_KEY] = (f"member {member.name} is {member.size} bytes, above "
+                    current[SKIP_KEY] = (f"member {member.name!r:.80} is {member.size} bytes, above "
                                          f"data.max_member_bytes={limits.max_member_bytes}")
                     continue  # tarfile skips its data in bounded reads
                 fobj = tar.extractfile(member)
