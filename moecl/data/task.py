@@ -86,10 +86,12 @@ def check_url_template(template: str, source: str) -> str:
     placeholders ``{root}``, ``{task}``, ``{split}``, ``{shard}``."""
     valid = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise DataError(f"{source}={template!r} is not a valid template ({e}); placeholders: {valid}") from None
-    unknown = [f for f in fields if f not in TEMPLATE_FIELDS]
+    fields = [f for f, _, _ in parts]
+    unknown = [f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "")
+               for f, spec, conv in parts if f not in TEMPLATE_FIELDS or spec or conv]
     if unknown:
         raise DataError(f"{source}={template!r} has unknown placeholder(s) "
                         f"{', '.join('{' + f + '}' for f in unknown)}; valid placeholders: {valid}")
