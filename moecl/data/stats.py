@@ -58,7 +58,15 @@ class StreamStats:
             f"{where}: {self.bad_samples} of {self.total} samples ({100 * self.bad_fraction:.1f}%) were unusable, "
             f"above data.max_bad_fraction={max_bad_fraction}; last in shard {last.get('shard')} "
             f"({at}{last.get('reason')}). Bad shards: {shards}. Check them with "
-            "`python -m data_tools verify ROOT`, rebuild them, or raise data.max_bad_fraction")
+            "`python -m data_tools verify ROOT`, rebuild them, or raise data.max_bad_fraction (a "
+            f"data.max_bad_fraction={_suggest(self.bad_fraction)} argument to `moecl train` or `moecl eval`)")
+
+
+def _suggest(fraction: float) -> str:
+    """A tolerance just above ``fraction``, rounded up to two significant digits."""
+    import math
+    exp = math.floor(math.log10(fraction)) - 1
+    return f"{min(1.0, math.ceil(fraction * 1.05 / 10 ** exp) * 10 ** exp):.{max(0, -exp)}f}"
 
 
 def bad_event(shard: str, key: Optional[str], reason: str, count: int = 1) -> dict[str, Any]:
