@@ -208,7 +208,8 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
     """Load RUN's latest valid task-end checkpoint (or ``checkpoint``) for evaluation in this process.
 
     ``data_root`` / ``sequence`` choose other shards to evaluate on (default: the run's own);
-    ``overrides`` are ``eval.*`` / ``ddas.*`` settings (and how shards are read: ``EVAL_OVERRIDE_KEYS``). ``device``: auto (GPU when present), cpu, cuda[:i].
+    ``overrides`` are ``eval.*`` / ``ddas.*`` settings (and how shards are read: ``EVAL_OVERRIDE_KEYS``).
+    ``device``: auto (GPU when present), cpu, cuda[:i].
     """
     from ..data import data_options, load_sequence, make_transforms
     from ..ddas import DDASSelector
