@@ -29,7 +29,7 @@ from .untrusted import open_regular
 
 SKIP_KEY = "__SKIP__"  # upper case: never a member suffix (those are lower-cased)
 MAX_HEADER_BYTES = 1 << 20  # a pax / GNU long-name header is a few hundred bytes; it is read into memory
-READ_BLOCK = 1 << 18
+READ_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -76,22 +76,25 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
 
 class _Budget:
-    """A read-only stream that counts bytes and fails once more than ``limit`` have been read."""
+    """A read-only stream that counts bytes and fails once more than ``limit`` have been read. It pulls
+    READ_BLOCK bytes at a time from ``inner`` (a decompressor: one call per MiB, not per 8 KiB, so skipping
+    a huge member is fast) and hands them out in the small pieces tarfile asks for."""
 
     def __init__(self, inner: Any, limit: int, head: bytes = b""):
-        self.inner, self.limit, self.head, self.count = inner, limit, head, 0
+        self.inner, self.limit, self.count = inner, limit, len(head)
+        self.buf, self.pos = head, 0
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             size = READ_BLOCK
-        if self.head:
-            data, self.head = self.head[:size], self.head[size:]
-        else:
-            data = self.inner.read(size)
-        self.count += len(data)
-        if self.count > self.limit:
-            raise OSError(f"decompresses to more than {self.limit} bytes (data.max_shard_bytes); "
-                          "raise it if the shard is genuine")
+        if self.pos >= len(self.buf):
+            self.buf, self.pos = self.inner.read(max(size, READ_BLOCK)), 0
+            self.count += len(self.buf)
+            if self.count > self.limit:
+                raise OSError(f"decompresses to more than {self.limit} bytes (data.max_shard_bytes); "
+                              "raise it if the shard is genuine")
+        data = self.buf[self.pos:self.pos + size]
+        self.pos += len(data)
         return data
 
     def close(self) -> None:
