@@ -71,6 +71,7 @@ def test_checkpoint_from_another_backbone_is_refused_naming_both(reference, worl
     proc = run_train(run, world, *ONE, "train.seed=7", "--allow-config-change", resume="auto", check=False)
     assert proc.returncode == 2 and "random init, seed 0" in proc.stderr and "seed 7" in proc.stderr
     _no_traceback(proc)
+    assert (run / "config.yaml").read_text() == (reference / "config.yaml").read_text()  # untouched
 
 
 def test_backbone_identity_hashes_weight_files_not_their_names(tmp_path):
