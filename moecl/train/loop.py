@@ -365,6 +365,9 @@ class ContinualTrainer:
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 loss_sum, aux_sum, bad = 0.0, 0.0, None
+                # a skipped step must not count its routing toward activate-freeze either
+                counts = ([s.counts.clone() for s in self.model.moe_sites()] if cfg.train.nan_policy == "skip"
+                          else None)
                 for _ in range(cfg.train.grad_accum):
                     images, labels = next(batches)
                     images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
@@ -388,7 +391,7 @@ class ContinualTrainer:
                     aux_sum += float(aux.detach()) / cfg.train.grad_accum
                     seen += images.shape[0] * self.info.world_size
                 maybe_kill("step", t, step, self.info.rank)
-                self._optimizer_step(engine, optimizer, params, bad, t, task.name, step)
+                self._optimizer_step(engine, optimizer, params, bad, t, task.name, step, counts)
                 self.progress.step += 1
                 if self.is_main and (self.progress.step % cfg.runtime.log_every == 0 or self.progress.step == total):
                     rate = seen / max(time.time() - tic, 1e-9)
@@ -420,7 +423,7 @@ class ContinualTrainer:
         self.model.eval()
 
     def _optimizer_step(self, engine, optimizer, params: list[torch.nn.Parameter], bad: Optional[str], t: int,
-                        name: str, step: int) -> None:
+                        name: str, step: int, counts: Optional[list[torch.Tensor]] = None) -> None:
         """``engine.step()`` when loss and gradients are finite. Otherwise the step is dropped whole: parameters
         and optimizer state stay exactly as they were (nan_policy=skip, logged, limited in a row) or the run
         stops naming the step (stop)."""
@@ -445,6 +448,8 @@ class ContinualTrainer:
             return
         self.progress.skipped_steps += 1
         self._skips_in_a_row += 1
+        for site, before in zip(self.model.moe_sites(), counts or []):
+            site.counts.copy_(before)
         limit = cfg.train.max_consecutive_skips
         if self.is_main:
             log.warning("task %d (%s) step %d skipped: non-finite %s; parameters and optimizer state unchanged "
