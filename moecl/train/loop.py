@@ -220,8 +220,9 @@ class ContinualTrainer:
                         f"command has {ours[section][key]!r}; resume with the run's own config "
                         f"(--config {path})")
         target = ckpt.latest_valid(self.run_dir) if self.resume == "auto" else Path(self.resume)
-        if target is not None:  # another backbone is refused before config.yaml is touched
-            check_checkpoint(target, backbone_identity(self.cfg), "this command's config")
+        if target is None:  # nothing to continue: this is a fresh start with this command's config
+            return []
+        check_checkpoint(target, backbone_identity(self.cfg), "this command's config")  # before config.yaml changes
         try:
             saved = Config.model_validate(saved).model_dump(mode="json")  # defaults filled in, as ours
         except ValueError:
