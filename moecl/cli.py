@@ -14,6 +14,8 @@ def _add_train(sub) -> None:
     p.add_argument("--config", required=True, help="shipped config name (see `moecl configs`) or YAML path")
     p.add_argument("--out", required=True, help="run folder (config.yaml, checkpoints/, tb/, report.json)")
     p.add_argument("--resume", default=None, help="'auto' (latest valid checkpoint in RUN) or a checkpoint path")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue although the config differs from the run's (logged)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. moe.num_experts=8")
 
@@ -115,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import MoeclError
     try:
         return int(_dispatch(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C outside the trainer's own handling: one line, no traceback
+        print(f"moecl {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (MoeclError, FileNotFoundError) as e:
-        print(f"moecl {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = getattr(e, "exit_code", None)  # a run stopped on SIGTERM / SIGINT: its own line and code
+        print(f"moecl {args.command}: {e}" if code else f"moecl {args.command}: error: {e}", file=sys.stderr)
+        return code or 2
 
 
 if __name__ == "__main__":

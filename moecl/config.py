@@ -108,6 +108,7 @@ class TrainConfig(_Section):
     seed: int = Field(0, description="seed of everything")
     deterministic: bool = Field(False, description="deterministic algorithms (CPU exact resume)")
     nan_policy: Literal["stop", "skip"] = Field("stop", description="on a non-finite loss: stop or skip the step")
+    max_consecutive_skips: int = Field(10, ge=1, description="nan_policy=skip: stop after this many skips in a row")
 
 
 class DDASConfig(_Section):

@@ -82,6 +82,62 @@ def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+def _waiting(what: str):
+    from .folder_lock import describe_holder
+    return lambda holder: _say(f"  waiting: {what} is being built by {describe_holder(holder)}; it is reused "
+                               "when that finishes")
+
+
+def build_world_cached(world: Path, params: dict[str, Any], *, workers: int, progress: bool) -> Path:
+    """The synthetic world in the shared cache: reused when complete; otherwise built by one process at a
+    time (a lock beside it; another demo waits, then reuses it) into a staging folder renamed into place, so
+    no reader ever sees a half-written world. An interrupted build resumes from its staging folder."""
+    from data_tools.synthetic import _is_built, build_world, world_params
+
+    from .folder_lock import FolderLock
+    want = world_params(**params)
+    done = lambda: _is_built(world, want)  # noqa: E731
+    if done():
+        return world
+    world.parent.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(world.parent, "moecl demo: building the synthetic world", name=f".{world.name}.lock")
+    if not lock.wait_acquire(_waiting(f"the world {world}"), done):
+        return world
+    try:
+        if done():
+            return world
+        staging = world.parent / f".{world.name}.partial"
+        if world.exists() and not staging.exists():  # an older in-place build: resume it in the staging folder
+            os.replace(world, staging)
+        build_world(staging, workers=workers, progress=progress, **params)
+        if world.exists():
+            shutil.rmtree(world)
+        os.replace(staging, world)
+    finally:
+        lock.release()
+    return world
+
+
+def pretrain_cached(world: Path, cache_dir: Path, params: PretrainParams, **kwargs):
+    """:func:`pretrain_clip` (which writes into a staging folder and renames), one process at a time per
+    cache entry: a second demo waits for the first and reuses its weights instead of training again and
+    replacing the folder under it."""
+    from .folder_lock import FolderLock
+    from .pretrain import cache_key, cached_result
+    hit = cached_result(params, world, cache_dir)
+    if hit is not None:
+        return hit
+    key = cache_key(params, world)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(cache_dir, "moecl demo: pretraining", name=f".{key}.lock")
+    lock.wait_acquire(_waiting(f"the pretrained {params.model} ({Path(cache_dir) / key})"),
+                      lambda: cached_result(params, world, cache_dir) is not None)
+    try:
+        return pretrain_clip(world, cache_dir, params, **kwargs)  # a cache hit when the other one finished
+    finally:
+        lock.release()
+
+
 class _DropRandomInitNotice(logging.Filter):
     """open_clip warns 'No pretrained weights loaded' for every model built before init_checkpoint is
     loaded into it; in the demo that is expected, not news."""
@@ -272,11 +328,10 @@ def _run_demo(args) -> int:
     _say(f"moecl demo{' --quick' if quick else ''}: run folder {out}, cache {cache}")
 
     # 1. the world ------------------------------------------------------------------------------------------
-    from data_tools.synthetic import build_world
     world = _world_dir(cache, world_params)
     tic = time.time()
     _say(f"[1/4] synthetic world -> {world}")
-    build_world(world, workers=max(1, base_cfg.data.workers), progress=not quick, **world_params)
+    build_world_cached(world, world_params, workers=max(1, base_cfg.data.workers), progress=not quick)
     timings["world_s"] = round(time.time() - tic, 1)
 
     # 2. the foundation -------------------------------------------------------------------------------------
@@ -286,8 +341,8 @@ def _run_demo(args) -> int:
     tic = time.time()
     _say(f"[2/4] tiny CLIP ({pre_params.model}) pretrained on the world's captions ({pre_params.steps} steps "
          f"of {pre_params.batch_size})")
-    pre = pretrain_clip(world, cache / "pretrained", pre_params, workers=base_cfg.data.workers,
-                        device=str(device), progress=base_cfg.runtime.progress, threads=threads)
+    pre = pretrain_cached(world, cache / "pretrained", pre_params, workers=base_cfg.data.workers,
+                          device=str(device), progress=base_cfg.runtime.progress, threads=threads)
     timings["pretrain_s"] = round(time.time() - tic, 1)
     from .data import load_sequence
     seq = load_sequence(world, base_cfg.data.sequence)

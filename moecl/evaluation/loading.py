@@ -230,6 +230,8 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
         log.warning("%s is a mid-task checkpoint: the current task's router is only partly trained", path)
     progress = state.get("progress", {})
 
+    from ..train.identity import backbone_identity, check_checkpoint
+    check_checkpoint(path, backbone_identity(cfg), f"the run's config ({run_dir / 'config.yaml'})")
     model = build_run_model(cfg, dev)
     meta: dict[str, Any] = {}
     if (path / "adapters").is_dir():

@@ -1,16 +1,21 @@
 """Run checkpoints: atomic folders of safetensors + JSON with a checksummed manifest.
 
-A checkpoint is valid only when its ``MANIFEST.json`` exists and every file in it matches its sha256: a write
-that was interrupted (killed process, full disk) is never taken as valid. Nothing is unpickled.
+A checkpoint is valid only when its ``MANIFEST.json`` exists, lists every file its kind requires (see
+:func:`required_files`: the trainer state, the method's weights, and for a mid-task checkpoint the optimizer and RNG
+parts of every rank of the world that wrote it) and every listed file matches its sha256: a write that was
+interrupted (killed process, full disk, a rank that never wrote its part) is never taken as valid. Rank 0 writes
+the shared files and the manifest; every other file is per rank, named by global rank. Nothing is unpickled.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,30 +46,94 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+MANIFEST_FORMAT = 2
+ADAPTER_FILES = ("adapters/adapters.safetensors", "adapters/adapters.json")
+
+
+def rank_files(rank: int) -> list[str]:
+    """The files one rank writes into a mid-task checkpoint (named by global rank)."""
+    return [f"{kind}-rank{rank}.{ext}" for kind in ("optimizer", "rng") for ext in ("safetensors", "json")]
+
+
+def required_files(state: dict[str, Any]) -> list[str]:
+    """Every file a checkpoint with this ``trainer.json`` content must hold."""
+    need = ["trainer.json"]
+    method = state.get("method")
+    if method in ("moe-adapters", "dense-adapter"):
+        need += list(ADAPTER_FILES)
+    elif method == "full-ft":
+        need.append("backbone.safetensors")
+    if int(state.get("ddas_tasks") or 0) > 0:
+        need += ["ddas.safetensors", "ddas.json"]
+    if not state.get("task_end", True):
+        for rank in range(int(state.get("world_size") or 1)):
+            need += rank_files(rank)
+    return need
+
+
 def write_manifest(folder: Path, meta: dict[str, Any]) -> None:
     files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files, **meta}, indent=1))
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files, **meta}, indent=1))
     os.replace(tmp, folder / MANIFEST)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
 
 
 def verify(folder: Path) -> Optional[str]:
     """None when the checkpoint is complete and intact, else why not."""
+    folder = Path(folder)
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return "no MANIFEST.json (the write did not finish)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
+    data = _read_json(manifest)
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         return "MANIFEST.json is unreadable"
+    for name in files:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            return f"MANIFEST.json lists {name!r}, a path outside the checkpoint"
+    if "trainer.json" not in files:
+        return "MANIFEST.json does not list trainer.json (every checkpoint holds one)"
     for name, digest in files.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
         if sha256(path) != digest:
             return f"{name} does not match its checksum"
+    state = _read_json(folder / "trainer.json")
+    if not isinstance(state, dict) or not isinstance(state.get("progress"), dict):
+        return "trainer.json is unreadable"
+    if data.get("format", 1) >= MANIFEST_FORMAT and data.get("task_end") != state.get("task_end", True):
+        return "MANIFEST.json and trainer.json disagree on the checkpoint's kind"
+    missing = [name for name in required_files(state) if name not in files]
+    if missing:
+        kind = "task-end" if state.get("task_end", True) else f"mid-task ({state.get('world_size', 1)} rank(s))"
+        return f"a {kind} checkpoint needs {', '.join(missing)}, which MANIFEST.json does not list"
     return None
+
+
+def wait_for_parts(tmp: Path, state: dict[str, Any], timeout_s: float = 30.0) -> None:
+    """Rank 0, before the manifest: every required file (every rank's part) is visible in ``tmp``.
+
+    On a shared file system another node's files can take a moment to appear; a part that never does means
+    that rank wrote elsewhere (a run folder that is not the same folder on every node) or not at all."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [n for n in required_files(state) if not (tmp / n).is_file()]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if missing:
+        raise CheckpointError(f"checkpoint {tmp} is incomplete: {', '.join(missing)} never appeared (is the run "
+                              "folder the same shared folder on every node?); it was not committed")
 
 
 def finalize(tmp: Path, final: Path, meta: dict[str, Any]) -> Path:
@@ -74,6 +143,14 @@ def finalize(tmp: Path, final: Path, meta: dict[str, Any]) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write that failed for lack of space (OSError ENOSPC/EDQUOT, or safetensors' wrapped os error)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122"))
 
 
 def staging_dir(root: Path, name: str) -> Path:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 def run_train(args) -> int:
     from .loop import train
-    report = train(args.cfg, args.out, args.resume)
+    report = train(args.cfg, args.out, args.resume,
+                   allow_config_change=getattr(args, "allow_config_change", False))
     from ..runtime import init_distributed
     if init_distributed(args.cfg.runtime.device).is_main:
         from ..evaluation.report import summary_table

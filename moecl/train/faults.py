@@ -1,8 +1,8 @@
-"""Fault injection for the fault-tolerance tests: ``MOECL_FAULT=ACTION@POINT[:TASK[:STEP]]``.
+"""Fault injection for the fault-tolerance tests: ``MOECL_FAULT=ACTION@POINT[:TASK[:STEP]][,...]``.
 
-ACTION is ``kill`` (SIGKILL this process, like an OOM killer or a preempted node) or ``nan`` (the loss becomes
-NaN). POINT is ``step`` (after backward, before the optimizer step), ``checkpoint`` (files written, manifest
-not yet), ``between`` (after a task-end checkpoint, before the next task) or ``ddas`` (in the DDAS stage).
+ACTION is ``kill`` (SIGKILL this process, like an OOM killer or a preempted node), ``term`` / ``int`` (send it
+SIGTERM, as a scheduler preempting it, or SIGINT, as Ctrl-C) or ``nan`` (the loss becomes NaN). POINT is
+``step`` (after backward, before the optimizer step), ``checkpoint`` (files written, manifest not yet), ``between`` (after a task-end checkpoint, before the next task) or ``ddas`` (in the DDAS stage).
 ``MOECL_FAULT_RANK`` limits it to one rank. Unset: nothing happens (one environment lookup per call).
 """
 from __future__ import annotations
@@ -12,31 +12,38 @@ import signal
 from typing import Optional
 
 
-def _matches(point: str, task: Optional[int], step: Optional[int], rank: int) -> Optional[str]:
+def _matches(point: str, task: Optional[int], step: Optional[int], rank: int) -> set[str]:
+    """The actions of every comma-separated spec that fires here."""
     spec = os.environ.get("MOECL_FAULT")
     if not spec:
-        return None
+        return set()
     want_rank = os.environ.get("MOECL_FAULT_RANK")
     if want_rank is not None and int(want_rank) != rank:
-        return None
-    action, _, where = spec.partition("@")
-    parts = where.split(":")
-    if parts[0] != point:
-        return None
-    if len(parts) > 1 and task is not None and int(parts[1]) != task:
-        return None
-    if len(parts) > 2 and step is not None and int(parts[2]) != step:
-        return None
-    return action
+        return set()
+    found = set()
+    for one in spec.split(","):
+        action, _, where = one.strip().partition("@")
+        parts = where.split(":")
+        if parts[0] != point:
+            continue
+        if len(parts) > 1 and task is not None and int(parts[1]) != task:
+            continue
+        if len(parts) > 2 and step is not None and int(parts[2]) != step:
+            continue
+        found.add(action)
+    return found
+
+
+SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
 
 
 def maybe_kill(point: str, task: Optional[int] = None, step: Optional[int] = None, rank: int = 0) -> None:
-    if _matches(point, task, step, rank) == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
+    for action in _matches(point, task, step, rank) & SIGNALS.keys():
+        os.kill(os.getpid(), SIGNALS[action])
 
 
 def nan_here(task: int, step: int, rank: int = 0) -> bool:
-    return _matches("step", task, step, rank) == "nan"
+    return "nan" in _matches("step", task, step, rank)
 
 
 def resources() -> dict[str, int]:

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from ..data import (Sequence, data_options, eval_batches, fill_template, load_se
                     train_batches)
 from ..ddas import DDASSelector, fit_autoencoder
 from ..errors import CheckpointError, MoeclError
+from ..folder_lock import FolderLock
 from ..evaluation.evaluator import Evaluator, cil_label_set, confusion_row, label_set
 from ..evaluation.loading import EvalMode, eval_modes
 from ..model import build_model, image_size_of, tokenizer_for
@@ -32,6 +34,8 @@ from ..model.state import load_adapter_state, save_adapter_state
 from ..runtime import DistInfo, init_distributed
 from . import checkpoint as ckpt
 from .faults import maybe_kill, nan_here, resources
+from .identity import backbone_identity, check_checkpoint
+from .interrupt import Interrupted, StopRequest, interrupted_line
 from .engine import autocast_dtype, build_engine, ds_config, lr_at, micro_batch
 
 log = logging.getLogger("moecl")
@@ -66,22 +70,75 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _set_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
 def _stable_seed(*parts: Any) -> int:
     import hashlib
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:12], 16)
 
 
+# Config keys that may differ on --resume without --allow-config-change: where and how it runs, not what it
+# computes (expert sharding follows the cluster shape; a checkpoint loads at any ep_size).
+RESUME_FREE_KEYS = ("runtime.", "moe.ep_size")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
+
+
+def config_changes(saved: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting (outside RESUME_FREE_KEYS) that differs."""
+    a, b = _flatten(saved), _flatten(ours)
+    missing = "(unset)"
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing) and not k.startswith(RESUME_FREE_KEYS)]
+
+
+def _check_resume_path(resume: Optional[str], run_dir: Path) -> None:
+    """``--resume PATH`` must name an existing checkpoint folder (checked before the run folder is created)."""
+    if resume in (None, "auto") or Path(resume).is_dir():
+        return
+    found = ", ".join(p.name for p in ckpt.list_checkpoints(run_dir)) or "none"
+    what = "is not a folder" if Path(resume).exists() else "does not exist"
+    raise CheckpointError(f"--resume {resume}: {what}; give a checkpoint folder (checkpoints in "
+                          f"{run_dir / 'checkpoints'}: {found}) or --resume auto for the latest valid one")
+
+
 class ContinualTrainer:
     """Runs a whole task sequence; see ``moecl train --help``."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: Optional[str] = None):
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: Optional[str] = None,
+                 allow_config_change: bool = False):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.allow_config_change = allow_config_change
+        _check_resume_path(resume, self.run_dir)
         self.info: DistInfo = init_distributed(cfg.runtime.device)
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.device = self.info.device
         self.method = cfg.train.method
+        self.lock = FolderLock(self.run_dir, "moecl train")
+        self.stop = StopRequest()
+        self._skips_in_a_row = 0
         self._setup_run_dir()
+        try:
+            self._init_rest()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _init_rest(self) -> None:
+        cfg = self.cfg
+        self.backbone_id = backbone_identity(cfg)
         self.seq: Sequence = load_sequence(cfg.data.root, cfg.data.sequence, **data_options(cfg.data))
         if not self.seq.tasks:
             raise MoeclError(f"sequence {self.seq.name!r} names no tasks")
@@ -109,23 +166,50 @@ class ContinualTrainer:
         return self.info.is_main
 
     def _setup_run_dir(self) -> None:
-        cfg_path = self.run_dir / "config.yaml"
+        """Rank 0: lock the folder, check a resume against the saved config, write config.yaml, open train.log.
+        Its verdict reaches every rank, so a refusal stops them all (no rank left waiting at a barrier)."""
+        problem = None
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self.resume and cfg_path.is_file():
-                self._check_resume_config(cfg_path)
-            elif cfg_path.is_file() and ckpt.list_checkpoints(self.run_dir):
-                raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume auto to continue it "
-                                      "or choose another --out")
-            cfg_path.write_text(self.cfg.to_yaml())
-            handler = logging.FileHandler(self.run_dir / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            log.addHandler(handler)
-            log.setLevel(logging.INFO)
-        self._barrier()
+            try:
+                self._setup_run_dir_main()
+            except Exception as e:  # noqa: BLE001 - told to every rank, then raised as it is here
+                self.lock.release()
+                problem = e
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            verdict = [str(problem) if problem is not None else None]
+            dist.broadcast_object_list(verdict, src=0)
+            if problem is None and verdict[0] is not None:
+                problem = CheckpointError(verdict[0])
+        if problem is not None:
+            raise problem
 
-    def _check_resume_config(self, path: Path) -> None:
+    def _setup_run_dir_main(self) -> None:
+        cfg_path = self.run_dir / "config.yaml"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire(hint="wait for that run to finish or choose another --out")
+        import atexit
+        atexit.register(self.lock.release)
+        notes = []
+        if self.resume and cfg_path.is_file():
+            notes = self._check_resume_config(cfg_path)
+        elif cfg_path.is_file() and ckpt.list_checkpoints(self.run_dir):
+            raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume auto to continue it "
+                                  "or choose another --out")
+        cfg_path.write_text(self.cfg.to_yaml())
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        for note in notes:
+            log.warning(note)
+
+    def _check_resume_config(self, path: Path) -> list[str]:
+        """Refuse a resume whose config changes the model; list any other change and refuse it too unless
+        ``--allow-config-change`` (then the old config is kept beside the new one). Returns lines to log."""
         saved = yaml.safe_load(path.read_text())
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"--resume: {path} is not a moecl config (a YAML mapping); restore it or start a "
+                                  "new run with another --out")
         ours = self.cfg.model_dump(mode="json")
         for section, keys in (("model", None), ("moe", ("num_experts", "top_k", "width", "towers", "routing",
                                                         "shared_router", "text_route_token")),
@@ -136,6 +220,28 @@ class ContinualTrainer:
                         f"--resume: {path} has {section}.{key}={saved.get(section, {}).get(key)!r} but this "
                         f"command has {ours[section][key]!r}; resume with the run's own config "
                         f"(--config {path})")
+        target = ckpt.latest_valid(self.run_dir) if self.resume == "auto" else Path(self.resume)
+        if target is None:  # nothing to continue: this is a fresh start with this command's config
+            return []
+        check_checkpoint(target, backbone_identity(self.cfg), "this command's config")  # before config.yaml changes
+        try:
+            saved = Config.model_validate(saved).model_dump(mode="json")  # defaults filled in, as ours
+        except ValueError:
+            pass
+        changes = config_changes(saved, ours)
+        if not changes:
+            return []
+        listed = "; ".join(changes)
+        if not self.allow_config_change:
+            raise CheckpointError(f"--resume: this command's config differs from the run's ({path}): {listed}. "
+                                  f"Resume with the run's own config (--config {path}), or pass "
+                                  "--allow-config-change if the change is intended")
+        n = 1
+        while (kept := self.run_dir / f"config.before-resume-{n}.yaml").exists():
+            n += 1
+        shutil.copyfile(path, kept)
+        return [f"--allow-config-change: resuming with a changed config ({listed}); the previous config is "
+                f"kept as {kept}"]
 
     def _tensorboard(self):
         if not self.is_main:
@@ -149,6 +255,30 @@ class ContinualTrainer:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """The whole sequence (or what is left of it); the run folder is locked throughout."""
+        self.stop.where = lambda: (self.progress.task, self.progress.step)
+        try:
+            with self.stop:
+                return self._run()
+        finally:
+            self.lock.release()
+
+    def _stop_requested(self) -> bool:
+        """True on every rank when any rank got SIGTERM / SIGINT (polled at step boundaries)."""
+        flag = self.stop.signum is not None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([int(flag)], dtype=torch.int32)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def _interrupt(self) -> None:
+        line = interrupted_line(self.progress.task, self.progress.step)
+        if self.is_main:
+            log.warning(line)
+        raise Interrupted(line, self.stop.signum or signal.SIGTERM)
+
+    def _run(self) -> dict[str, Any]:
         start = time.time()
         self._maybe_resume()
         num_tasks = len(self.seq.tasks)
@@ -174,6 +304,8 @@ class ContinualTrainer:
             if self.is_main:
                 log.info("task %d done: %s", t, json.dumps(self.progress.resources[-1]))
             maybe_kill("between", t, None, self.info.rank)
+            if self.progress.task < num_tasks and self._stop_requested():
+                self._interrupt()
             if self.method == "moe-adapters":
                 self.model.reset_counts()
         if self.writer:
@@ -194,13 +326,20 @@ class ContinualTrainer:
         total = self.iterations(t)
         peak = float(cfg.per_task("lr", t, len(self.seq.tasks)))
         engine, optimizer = build_engine(self.model, params, cfg, self.ds, lr_at(0, total, peak, cfg.train.warmup))
+        if hasattr(optimizer, "check_grad_overflow"):  # ZeRO: let it check its partitioned gradients (skips)
+            optimizer.check_grad_overflow = True
+        chunk = cfg.train.checkpoint_every or total
+        rng_later = None
         if self.progress.step:
-            self._load_optimizer(optimizer)  # restores the RNG of the chunk boundary too
+            rng = self._load_optimizer(optimizer)
+            if self.progress.step % chunk == 0:
+                _set_rng(rng)  # the RNG of the chunk boundary
+            else:  # a checkpoint taken inside a chunk (interrupted): replay the chunk's data up to it first
+                rng_later = rng
         else:  # each task starts from its own seed, so a resume from a task end replays it exactly
             torch.manual_seed(_stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
         tokens = self.tokenizer([fill_template(task.train_template, c) for c in task.classnames]).to(self.device)
         text_task = t if self.method == "moe-adapters" else 0
-        chunk = cfg.train.checkpoint_every or total
         bar = self._bar(task.name, total)
         n_params = sum(p.numel() for p in params)
         if self.is_main:
@@ -216,13 +355,21 @@ class ContinualTrainer:
                                    resampled=cfg.data.resampled, max_bad_fraction=cfg.data.max_bad_fraction,
                                    pin_memory=self.device.type == "cuda")
             batches = iter(stream)
+            if rng_later is not None:
+                for _ in range((step0 % chunk) * cfg.train.grad_accum):
+                    next(batches)
+                _set_rng(rng_later)
+                rng_later = None
             end = min((step0 // chunk + 1) * chunk, total)
             while self.progress.step < end:
                 step = self.progress.step
                 lr = lr_at(step, total, peak, cfg.train.warmup)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                loss_sum, aux_sum = 0.0, 0.0
+                loss_sum, aux_sum, bad = 0.0, 0.0, None
+                # a skipped step must not count its routing toward activate-freeze either
+                counts = ([s.counts.clone() for s in self.model.moe_sites()] if cfg.train.nan_policy == "skip"
+                          else None)
                 for _ in range(cfg.train.grad_accum):
                     images, labels = next(batches)
                     images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
@@ -239,14 +386,14 @@ class ContinualTrainer:
                             raise TrainingError(f"non-finite loss ({loss.item()}) at task {t} ({task.name}) step "
                                                 f"{step}; the last good checkpoint in {self.run_dir / 'checkpoints'} "
                                                 "is kept (train.nan_policy=skip skips such steps)")
-                        self.progress.skipped_steps += 1
-                        loss = loss.nan_to_num(0.0) * 0.0
+                        bad = f"loss ({loss.item()})"
+                        loss = loss * float("nan")  # every gradient non-finite too: the step is dropped whole
                     engine.backward(loss)
                     loss_sum += float(loss.detach()) / cfg.train.grad_accum
                     aux_sum += float(aux.detach()) / cfg.train.grad_accum
                     seen += images.shape[0] * self.info.world_size
                 maybe_kill("step", t, step, self.info.rank)
-                engine.step()
+                self._optimizer_step(engine, optimizer, params, bad, t, task.name, step, counts)
                 self.progress.step += 1
                 if self.is_main and (self.progress.step % cfg.runtime.log_every == 0 or self.progress.step == total):
                     rate = seen / max(time.time() - tic, 1e-9)
@@ -262,13 +409,72 @@ class ContinualTrainer:
                         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", ips=f"{rate:.0f}")
                 if bar is not None:
                     bar.update(1)
+                if self._stop_requested():
+                    if bar is not None:
+                        bar.close()
+                    self._save(task_end=False, optimizer=optimizer)
+                    self._interrupt()
             del batches
             if cfg.train.checkpoint_every and self.progress.step < total:
                 self._save(task_end=False, optimizer=optimizer)
+        if rng_later is not None:  # interrupted right at the task's last step
+            _set_rng(rng_later)
         if bar is not None:
             bar.close()
         engine.destroy()
         self.model.eval()
+
+    def _optimizer_step(self, engine, optimizer, params: list[torch.nn.Parameter], bad: Optional[str], t: int,
+                        name: str, step: int, counts: Optional[list[torch.Tensor]] = None) -> None:
+        """``engine.step()`` when loss and gradients are finite. Otherwise the step is dropped whole: parameters
+        and optimizer state stay exactly as they were (nan_policy=skip, logged, limited in a row) or the run
+        stops naming the step (stop)."""
+        cfg = self.cfg
+        zero = int(self.ds.get("zero_optimization", {}).get("stage", 0) or 0)
+        if bad is None and not zero and not self._all_ranks(self._grads_finite(params)):
+            bad = "gradients"
+        if bad is not None and cfg.train.nan_policy == "stop":
+            raise TrainingError(f"non-finite {bad} at task {t} ({name}) step {step}; the last good checkpoint in "
+                                f"{self.run_dir / 'checkpoints'} is kept (train.nan_policy=skip skips such steps)")
+        if bad is not None and not zero:
+            engine.zero_grad()  # no gradients: the optimizer leaves the parameters and their state alone
+        engine.step()
+        if zero and getattr(optimizer, "overflow", False):  # ZeRO found non-finite gradients and dropped the step
+            if bad is None and cfg.train.nan_policy == "stop":
+                raise TrainingError(f"non-finite gradients at task {t} ({name}) step {step}; the last good "
+                                    f"checkpoint in {self.run_dir / 'checkpoints'} is kept (train.nan_policy=skip "
+                                    "skips such steps)")
+            bad = bad or "gradients"
+        if bad is None:
+            self._skips_in_a_row = 0
+            return
+        self.progress.skipped_steps += 1
+        self._skips_in_a_row += 1
+        for site, before in zip(self.model.moe_sites(), counts or []):
+            site.counts.copy_(before)
+        limit = cfg.train.max_consecutive_skips
+        if self.is_main:
+            log.warning("task %d (%s) step %d skipped: non-finite %s; parameters and optimizer state unchanged "
+                        "(%d in a row, limit %d)", t, name, step, bad, self._skips_in_a_row, limit)
+        if self._skips_in_a_row >= limit:
+            raise TrainingError(
+                f"{self._skips_in_a_row} steps in a row skipped for non-finite loss or gradients, the last at task "
+                f"{t} ({name}) step {step}; stopping (train.max_consecutive_skips={limit}). The last good checkpoint "
+                f"in {self.run_dir / 'checkpoints'} is kept; lower train.lr "
+                f"({cfg.per_task('lr', t, len(self.seq.tasks))}) or check the data")
+
+    @staticmethod
+    def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
+        grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        return bool(torch.stack(grads).all()) if grads else True
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """``ok`` on every rank (one all-reduce when there are several)."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([int(ok)], dtype=torch.int32)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            return bool(t.item())
+        return ok
 
     def _finite(self, loss: torch.Tensor) -> bool:
         ok = torch.isfinite(loss.detach()).to(torch.int32)
@@ -386,43 +592,124 @@ class ContinualTrainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def _save(self, task_end: bool, optimizer=None) -> None:
+        """Write a checkpoint: rank 0 the shared files, every rank its own part (named by global rank), all into
+        a staging folder that rank 0 commits (manifest + rename) once every required part is there. A full disk
+        on any rank removes the staging folder and stops every rank with the size needed; values that are not
+        finite never reach a checkpoint."""
         t, step = self.progress.task, self.progress.step
         name = ckpt.task_dir_name(t - 1) if task_end else ckpt.step_dir_name(t, step)
         root = self.run_dir / "checkpoints"
         tmp = ckpt.staging_dir(root, name)
-        if self.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        save_adapter_state(self.model, tmp / "adapters") if self.method in ("moe-adapters", "dense-adapter") else None
-        if self.is_main:
-            if self.method == "full-ft":
-                from safetensors.torch import save_file
-                save_file({k: v.contiguous() for k, v in self.model.clip.state_dict().items()},
-                          str(tmp / "backbone.safetensors"))
-            if self.selector.num_tasks:
-                from safetensors.torch import save_file
-                tensors, meta = self.selector.to_state()
-                save_file(tensors, str(tmp / "ddas.safetensors"))
-                (tmp / "ddas.json").write_text(json.dumps(meta))
-            (tmp / "trainer.json").write_text(json.dumps({"progress": asdict(self.progress), "task_end": task_end,
-                                                          "world_size": self.info.world_size,
-                                                          "ep_size": self.cfg.moe.ep_size}, indent=1))
-        if optimizer is not None:  # mid-task: optimizer and RNG of every rank
-            rank = self.info.rank
-            ckpt.save_nested(optimizer.state_dict(), tmp, f"optimizer-rank{rank}")
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state()
-            ckpt.save_nested(rng, tmp, f"rng-rank{rank}")
-        self._barrier()
+        self._check_finite_state(root / name)
+        state = {"progress": asdict(self.progress), "task_end": task_end, "world_size": self.info.world_size,
+                 "ep_size": self.cfg.moe.ep_size, "method": self.method, "ddas_tasks": self.selector.num_tasks,
+                 "backbone": self.backbone_id}
+
+        def prepare() -> None:
+            if self.is_main:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+
+        def write_parts() -> None:
+            if self.method in ("moe-adapters", "dense-adapter"):
+                save_adapter_state(self.model, tmp / "adapters", {"backbone": self.backbone_id})
+            if self.is_main:
+                if self.method == "full-ft":
+                    from safetensors.torch import save_file
+                    save_file({k: v.contiguous() for k, v in self.model.clip.state_dict().items()},
+                              str(tmp / "backbone.safetensors"))
+                if self.selector.num_tasks:
+                    from safetensors.torch import save_file
+                    tensors, meta = self.selector.to_state()
+                    save_file(tensors, str(tmp / "ddas.safetensors"))
+                    (tmp / "ddas.json").write_text(json.dumps(meta))
+                (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
+            if optimizer is not None:  # mid-task: optimizer and RNG of every rank
+                rank = self.info.rank
+                ckpt.save_nested(optimizer.state_dict(), tmp, f"optimizer-rank{rank}")
+                rng = {"torch": torch.get_rng_state()}
+                if torch.cuda.is_available():
+                    rng["cuda"] = torch.cuda.get_rng_state()
+                ckpt.save_nested(rng, tmp, f"rng-rank{rank}")
+
+        def commit() -> None:
+            if self.is_main:
+                ckpt.wait_for_parts(tmp, state)
+                ckpt.finalize(tmp, root / name, {"task": t, "step": step, "task_end": task_end,
+                                                 "world_size": self.info.world_size})
+                ckpt.prune_steps(self.run_dir, self.cfg.train.keep_checkpoints if not task_end else 0)
+                log.info("checkpoint %s", root / name)
+
+        self._checkpoint_phase(prepare, root / name, tmp, optimizer)
+        self._checkpoint_phase(write_parts, root / name, tmp, optimizer)
         maybe_kill("checkpoint", t - 1 if task_end else t, None if task_end else step, self.info.rank)
+        self._checkpoint_phase(commit, root / name, tmp, optimizer)
+
+    def _checkpoint_phase(self, work, final: Path, tmp: Path, optimizer) -> None:
+        """Run one phase of a checkpoint write on every rank, then agree: 0 done, 1 disk full, 2 another error.
+        On failure rank 0 removes the staging folder and every rank stops (none is left at a barrier)."""
+        code, error = 0, None
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - reported to every rank below, then raised
+            code, error = (1 if ckpt.is_disk_full(e) else 2), e
+        worst = code
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([code], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            worst = int(flag.item())
+        if worst == 0:
+            return
         if self.is_main:
-            ckpt.finalize(tmp, root / name, {"task": t, "step": step, "task_end": task_end})
-            ckpt.prune_steps(self.run_dir, self.cfg.train.keep_checkpoints if not task_end else 0)
-            log.info("checkpoint %s", root / name)
-        self._barrier()
+            shutil.rmtree(tmp, ignore_errors=True)
+        if worst == 1:
+            need = max(1, math.ceil(self._checkpoint_bytes(optimizer) / 2**20))
+            try:
+                free = f", {shutil.disk_usage(final.parent).free // 2**20} MB free"
+            except OSError:
+                free = ""
+            msg = (f"disk full while writing checkpoint {final} ({need} MB needed{free}); its staging folder was "
+                   f"removed and the last complete checkpoint is kept: free space on that disk, then resume "
+                   "with --resume auto")
+            if self.is_main:
+                log.error(msg)
+            raise CheckpointError(msg) from None
+        if error is not None:
+            raise error
+        raise CheckpointError(f"checkpoint {final} was not written: another rank failed while writing its part "
+                              "(its error is in that rank's output)")
+
+    def _checkpoint_bytes(self, optimizer) -> int:
+        """About how much a checkpoint takes on disk: adapter or backbone tensors, DDAS, every rank's optimizer."""
+        tensors: list[torch.Tensor] = []
+        if self.method == "full-ft":
+            tensors += list(self.model.clip.state_dict().values())
+        for site in self.model.sites():
+            tensors += list(site.state_dict().values())
+        total = sum(t.numel() * t.element_size() for t in tensors) * (self.cfg.moe.ep_size if
+                                                                       self.method == "moe-adapters" else 1)
+        if self.selector.num_tasks:
+            total += sum(t.numel() * t.element_size() for t in self.selector.to_state()[0].values())
+        if optimizer is not None:
+            per_rank = sum(v.numel() * v.element_size() for st in optimizer.state_dict().get("state", {}).values()
+                           if isinstance(st, dict) for v in st.values() if isinstance(v, torch.Tensor))
+            total += per_rank * self.info.world_size
+        return total
+
+    def _check_finite_state(self, final: Path) -> None:
+        """Refuse to checkpoint NaN/inf weights (a checkpoint is a resume point: it must be a good one)."""
+        if self.method == "zero-shot":
+            return
+        params = (self.model.clip.named_parameters() if self.method == "full-ft" else
+                  ((f"{i}.{n}", p) for i, s in enumerate(self.model.sites()) for n, p in s.named_parameters()))
+        bad = [n for n, p in params if not bool(torch.isfinite(p.detach()).all())]
+        if self._all_ranks(not bad):
+            return
+        t, step = self.progress.task, self.progress.step
+        raise TrainingError(f"non-finite weights at task {t} step {step} ({', '.join(bad[:3]) or 'on another rank'}"
+                            f"{' ...' if len(bad) > 3 else ''}); {final} is not written and the last good "
+                            f"checkpoint in {final.parent} is kept (lower train.lr, or train.nan_policy=skip)")
 
     def _maybe_resume(self) -> None:
         if not self.resume:
@@ -439,6 +726,7 @@ class ContinualTrainer:
         if not state["task_end"] and state["world_size"] != self.info.world_size:
             raise CheckpointError(f"{path} is a mid-task checkpoint of {state['world_size']} rank(s); resume it "
                                   f"with the same number of ranks (task-end checkpoints load at any size)")
+        check_checkpoint(path, self.backbone_id, f"this run's config ({self.run_dir / 'config.yaml'})")
         self.progress = Progress(**state["progress"])
         if (path / "adapters").is_dir():
             load_adapter_state(self.model, path / "adapters")
@@ -453,8 +741,8 @@ class ContinualTrainer:
         if self.is_main:
             log.info("resumed from %s (task %d, step %d)", path, self.progress.task, self.progress.step)
 
-    def _load_optimizer(self, optimizer) -> None:
-        """Mid-task resume: optimizer state, then the RNG exactly as it was when the checkpoint was taken."""
+    def _load_optimizer(self, optimizer) -> dict[str, torch.Tensor]:
+        """Mid-task resume: optimizer state; returns the RNG state as it was when the checkpoint was taken."""
         path = getattr(self, "_resume_path", None)
         if path is None:
             raise CheckpointError("internal: mid-task resume without a checkpoint")
@@ -463,11 +751,8 @@ class ContinualTrainer:
                                        for r in range(self.info.world_size)])
         else:
             optimizer.load_state_dict(ckpt.load_nested(path, f"optimizer-rank{self.info.rank}"))
-        rng = ckpt.load_nested(path, f"rng-rank{self.info.rank}")
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
         self._resume_path = None
+        return ckpt.load_nested(path, f"rng-rank{self.info.rank}")
 
     # ---- report ----------------------------------------------------------------------------------------
     def _report(self) -> dict[str, Any]:
@@ -512,5 +797,6 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def train(cfg: Config, run_dir: str | Path, resume: Optional[str] = None) -> dict[str, Any]:
-    return ContinualTrainer(cfg, run_dir, resume).run()
+def train(cfg: Config, run_dir: str | Path, resume: Optional[str] = None,
+          allow_config_change: bool = False) -> dict[str, Any]:
+    return ContinualTrainer(cfg, run_dir, resume, allow_config_change).run()
