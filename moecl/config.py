@@ -189,6 +189,19 @@ class Config(_Section):
         return value
 
 
+def check_batch_fits(cfg: Config, tasks: Any) -> None:
+    """Refuse a ``data.batch_size`` larger than a training task's train split (each batch would repeat
+    images); needs the data, so the trainer calls it at start, before any training. ``tasks``: TaskInfos."""
+    if cfg.train.method == "zero-shot":
+        return
+    for task in tasks:
+        n = task.count("train")
+        if cfg.data.batch_size > n:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the train split of task "
+                              f"'{task.name}' ({n} images, {task.root / 'task.json'}); choose data.batch_size "
+                              f"<= {n}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading and overrides
 

@@ -70,6 +70,32 @@ def fill_template(template: str, classname: str) -> str:
     return template.replace("{}", classname)
 
 
+URL_PLACEHOLDERS = ("task", "split", "shard", "root")
+
+
+def check_url_template(template: str, source: str) -> str:
+    """Refuse a shard URL template whose placeholders are not {task} {split} {shard} {root}, naming ``source``
+    (the environment variable, file or argument it came from) and the valid placeholders."""
+    import string
+    try:
+        bad = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None and f not in URL_PLACEHOLDERS]
+        problem = f"unknown placeholder(s) {', '.join('{' + f + '}' for f in bad)}" if bad else ""
+        if not problem:  # nested fields in a format spec, bad conversions
+            template.format(**{p: p for p in URL_PLACEHOLDERS})
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        problem = f"not a valid template ({type(e).__name__}: {e})"
+    if problem:
+        raise DataError(f"{source}={template!r}: {problem}; the valid placeholders are "
+                        + ", ".join("{" + p + "}" for p in URL_PLACEHOLDERS) + " (write {{ and }} for literal braces)")
+    return template
+
+
+def env_url_template() -> Optional[str]:
+    """``MOECL_SHARD_URL_TEMPLATE``, checked (None when unset or empty)."""
+    value = os.environ.get(URL_TEMPLATE_ENV)
+    return check_url_template(value, URL_TEMPLATE_ENV) if value else None
+
+
 def _shard_url(task_dir: Path, task: str, split: str, shard: str, template: Optional[str]) -> str:
     if not template:
         return str(task_dir / shard)
@@ -109,7 +135,7 @@ def read_task(task_dir: str | Path, url_template: Optional[str] = None) -> TaskI
     if not isinstance(classnames, list) or not all(isinstance(c, str) for c in classnames):
         raise DataError(f"{path}: field 'classnames' must be a list of strings")
     name = str(meta["name"])
-    template = url_template or meta.get("url_template") or os.environ.get(URL_TEMPLATE_ENV) or None
+    template = url_template or meta.get("url_template") or env_url_template() or None
     shards: dict[str, list[str]] = {}
     for split, names in meta["shards"].items():
         if not isinstance(names, list):
