@@ -50,7 +50,7 @@ class MoEConfig(_Section):
     top_k: int = Field(2, ge=1, description="experts chosen per sample")
     width: int = Field(64, ge=1, description="adapter bottleneck width r")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout inside each expert")
-    scale: float = Field(0.1, description="expert output scale")
+    scale: float = Field(0.1, ge=0.0, description="expert output scale")
     ep_size: int = Field(1, ge=1, description="expert-parallel ranks the experts are sharded over")
     routing: Literal["sample", "token"] = Field("sample", description="route per sample (token 0) or per token")
     text_route_token: Literal["first", "eot"] = Field(
