@@ -6,6 +6,7 @@ type expected. Shipped configs live in ``moecl/configs`` and are addressed by na
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -109,7 +110,7 @@ class TrainConfig(_Section):
     lr: Union[PositiveFloat, Annotated[list[PositiveFloat], Field(min_length=1)]] = Field(
         1e-3, description="peak learning rate (one value or one per task)")
     warmup: int = Field(100, ge=0, description="linear warmup steps, then cosine, within each task")
-    betas: tuple[UnitFraction, UnitFraction] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1)")
+    betas: tuple[UnitFraction, UnitFraction] = Field((0.9, 0.999), description="AdamW betas")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     label_smoothing: float = Field(0.2, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     grad_clip: float = Field(0.0, ge=0.0, description="gradient norm clip (0 = off)")
@@ -462,13 +463,26 @@ def config_description(path: Path) -> str:
     return str(data.get("description", "")) if isinstance(data, dict) else ""
 
 
+def _plain_type(ann: Any) -> Any:
+    """``ann`` without its Annotated bounds (``Union[Annotated[int, Ge(1)], ...]`` -> ``Union[int, ...]``)."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Annotated:
+        return _plain_type(args[0])
+    if origin is None or origin is Literal or not args:
+        return ann
+    plain = tuple(_plain_type(a) for a in args)
+    if plain == args:
+        return ann
+    return (Union if origin is Union else ann.__origin__)[plain if len(plain) > 1 else plain[0]]
+
+
 def reference_markdown() -> str:
     """The README's table of every config field: key, type, default, meaning."""
     lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
     for section_name, section_field in Config.model_fields.items():
         section = section_field.annotation
         for name, field in section.model_fields.items():
-            ann = field.annotation
+            ann = _plain_type(field.annotation)
             type_name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
             default = field.get_default(call_default_factory=True)
             lines.append(f"| `{section_name}.{name}` | {type_name.replace('|', 'or')} | `{default!r}` | "
