@@ -274,8 +274,8 @@ def run_predict(args) -> int:
     results = predictor.predict(images, labels=labels, task=getattr(args, "task", None), top=top, skipped=skipped)
     if skipped:  # listed, as data_tools lists unreadable images; the readable ones are still predicted
         print(f"{len(skipped)} unreadable image(s) skipped:", file=sys.stderr)
-        for name, reason in skipped:
-            print(f"  {_printable(name)}: {_printable(reason)}", file=sys.stderr)
+        for name, reason in skipped:  # open_image's reason names the file already
+            print("  " + _printable(reason if name in reason else f"{name}: {reason}"), file=sys.stderr)
     if not results:
         raise DataError(f"none of the {len(images)} image(s) could be read (listed above)")
     print(format_predictions(results, top))
