@@ -6,6 +6,7 @@ type expected. Shipped configs live in ``moecl/configs`` and are addressed by na
 from __future__ import annotations
 
 import difflib
+import json
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -438,6 +439,33 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _leaf_types(annotation: Any) -> set:
+    """The scalar types a field can hold, through Optional / Union / list / tuple / Annotated."""
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return {annotation}
+    found: set = set()
+    for arg in typing.get_args(annotation):
+        found |= _leaf_types(arg)
+    return found
+
+
+def _refuse_bools_for_numbers(data: dict, source: str) -> None:
+    """pydantic reads ``true`` as 1 for a number (``train.lr=true`` would train at lr 1.0): refuse it by key."""
+    for section, sfield in Config.model_fields.items():
+        values = data.get(section)
+        if not isinstance(values, dict):
+            continue
+        for name, field in sfield.annotation.model_fields.items():
+            leaves = _leaf_types(field.annotation)
+            if bool in leaves or not leaves & {int, float}:
+                continue
+            value = values.get(name)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, bool) for v in items):
+                shown = json.dumps(value if not isinstance(value, tuple) else list(value), default=str)
+                raise ConfigError(f"invalid config ({source}):\n  {section}.{name}: got {shown}, expected a number")
+
+
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a shipped config by name or a YAML file by path, apply overrides, validate."""
     data: dict = {}
@@ -452,6 +480,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         source += " + overrides"
+    _refuse_bools_for_numbers(data, source)
     try:
         return Config.model_validate(data)
     except ValidationError as e:

@@ -53,6 +53,7 @@ def _refused(capsys, argv, *expected):
     ("train.epochs=0", "train.epochs: got 0, expected a value > 0"),
     ("data.train_crop_scale=[1.0, 0.5]", "data.train_crop_scale=[1.0, 0.5]: the first value"),
     ("moe.scale=-.inf", "moe.scale: got -inf, expected a finite number"),
+    ("train.lr=true", "train.lr: got true, expected a number"),  # pydantic alone would train at lr 1.0
 ])
 def test_bad_numbers_are_refused_by_key_before_the_run_folder(tmp_path, capsys, override, expected):
     run = tmp_path / "run"
@@ -80,12 +81,12 @@ def _numeric_fields():
 
 def test_every_numeric_field_refuses_nan_and_negatives():
     """Walk every numeric config field: nan/inf is refused for every float, -1 for every number (no field of
-    moecl means anything below zero), each error naming the key."""
+    moecl means anything below zero) and a boolean for every number, each error naming the key."""
     fields = list(_numeric_fields())
     assert len(fields) > 30  # the walk really found the config's numbers
     for key, field, kinds in fields:
         default = field.get_default(call_default_factory=True)
-        bad = ([".nan", ".inf", "-.inf"] if float in kinds else []) + ["-1"]
+        bad = ([".nan", ".inf", "-.inf"] if float in kinds else []) + ["-1", "true"]
         for value in bad:
             raw = f"[{value}, {value}]" if isinstance(default, tuple) else value
             with pytest.raises(ConfigError) as e:
