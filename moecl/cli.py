@@ -28,8 +28,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: latest task end)")
     p.add_argument("--data-root", default=None, help="evaluate on shards under another root")
     p.add_argument("--sequence", default=None, help="evaluate on another sequence file")
-    p.add_argument("overrides", nargs="*",
-                   help="section.field=value overrides (eval.*, ddas.*, data.max_bad_fraction, ...)")
+    p.add_argument("--out", default=None, help="write the results here instead of RUN/eval/<name>/ "
+                                               "(a read-only or archived run)")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides (eval.*, ddas.*, data.max_bad_fraction, ...)")
 
 
 def _add_report(sub) -> None:
@@ -37,6 +38,7 @@ def _add_report(sub) -> None:
                        description="Recompute Transfer/Avg/Last from the stored accuracy matrices and write "
                                    "report.md and PNG heatmaps of RUN.")
     p.add_argument("run", help="run folder")
+    p.add_argument("--out", default=None, help="write the report files here instead of RUN (a read-only run)")
 
 
 def _add_predict(sub) -> None:

@@ -6,8 +6,10 @@ type expected. Shipped configs live in ``moecl/configs`` and are addressed by na
 from __future__ import annotations
 
 import difflib
+import json
+import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,7 +24,15 @@ class ConfigError(MoeclError, ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: every float (also inside lists and pairs) must be finite: nan/inf are refused by key
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+UnitFraction = Annotated[float, Field(ge=0.0, lt=1.0)]  # [0, 1), e.g. Adam betas
+CropFraction = Annotated[float, Field(gt=0.0, le=1.0)]  # (0, 1], RandomResizedCrop scale
+MAX_SEED = 2**63 - 1  # the trainer derives per-task seeds modulo 2**63
 
 
 class ModelConfig(_Section):
@@ -42,7 +52,7 @@ class MoEConfig(_Section):
     top_k: int = Field(2, ge=1, description="experts chosen per sample")
     width: int = Field(64, ge=1, description="adapter bottleneck width r")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout inside each expert")
-    scale: float = Field(0.1, description="expert output scale")
+    scale: float = Field(0.1, ge=0.0, description="expert output scale")
     ep_size: int = Field(1, ge=1, description="expert-parallel ranks the experts are sharded over")
     routing: Literal["sample", "token"] = Field("sample", description="route per sample (token 0) or per token")
     text_route_token: Literal["first", "eot"] = Field(
@@ -61,6 +71,9 @@ class MoEConfig(_Section):
         if self.top_k > self.num_experts:
             raise ValueError(f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}; "
                              "choose top_k <= num_experts")
+        if self.freeze_top > self.num_experts:
+            raise ValueError(f"moe.freeze_top={self.freeze_top} exceeds moe.num_experts={self.num_experts}; "
+                             "choose freeze_top <= num_experts")
         if self.num_experts % self.ep_size:
             raise ValueError(f"moe.ep_size={self.ep_size} does not divide moe.num_experts={self.num_experts}; "
                              "choose an ep_size that divides the number of experts")
@@ -75,7 +88,7 @@ class DataConfig(_Section):
     workers: int = Field(2, ge=0, description="loader worker processes per rank")
     shuffle_buffer: int = Field(1000, ge=0, description="sample shuffle buffer of the train stream")
     resampled: bool = Field(True, description="train shards drawn with replacement (infinite stream)")
-    train_crop_scale: tuple[float, float] = Field((0.9, 1.0), description="RandomResizedCrop scale")
+    train_crop_scale: tuple[CropFraction, CropFraction] = Field((0.9, 1.0), description="RandomResizedCrop scale")
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0,
                                     description="corrupt samples tolerated before a stream stops")
     max_member_bytes: int = Field(64 << 20, ge=1, description="largest file of a sample (image) read from a "
@@ -87,16 +100,26 @@ class DataConfig(_Section):
                           "s3://b/{task}/{shard} -' (placeholders {root} {task} {split} {shard}); also "
                           "MOECL_SHARD_URL_TEMPLATE. Never taken from a data folder")
 
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        lo, hi = self.train_crop_scale
+        if lo > hi:
+            raise ValueError(f"data.train_crop_scale=[{lo}, {hi}]: the first value (smallest crop) must not exceed "
+                             "the second")
+        return self
+
 
 class TrainConfig(_Section):
     """The continual task loop."""
     method: Literal["moe-adapters", "dense-adapter", "full-ft", "zero-shot"] = Field(
         "moe-adapters", description="what is trained: MoE-adapters or a baseline")
-    iterations: Union[int, list[int]] = Field(1000, description="steps per task (one value or one per task)")
+    iterations: Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=1)]] = Field(
+        1000, description="steps per task (one value or one per task)")
     epochs: Optional[float] = Field(None, gt=0, description="if set, steps = epochs x train images / batch")
-    lr: Union[float, list[float]] = Field(1e-3, description="peak learning rate (one value or one per task)")
+    lr: Union[PositiveFloat, Annotated[list[PositiveFloat], Field(min_length=1)]] = Field(
+        1e-3, description="peak learning rate (one value or one per task)")
     warmup: int = Field(100, ge=0, description="linear warmup steps, then cosine, within each task")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    betas: tuple[UnitFraction, UnitFraction] = Field((0.9, 0.999), description="AdamW betas")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     label_smoothing: float = Field(0.2, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     grad_clip: float = Field(0.0, ge=0.0, description="gradient norm clip (0 = off)")
@@ -105,7 +128,7 @@ class TrainConfig(_Section):
     zero_stage: Optional[int] = Field(None, ge=0, le=2, description="override the DeepSpeed ZeRO stage")
     checkpoint_every: int = Field(0, ge=0, description="mid-task checkpoint interval in steps (0 = task ends only)")
     keep_checkpoints: int = Field(2, ge=1, description="mid-task checkpoints kept")
-    seed: int = Field(0, description="seed of everything")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of everything")
     deterministic: bool = Field(False, description="deterministic algorithms (CPU exact resume)")
     nan_policy: Literal["stop", "skip"] = Field("stop", description="on a non-finite loss: stop or skip the step")
     max_consecutive_skips: int = Field(10, ge=1, description="nan_policy=skip: stop after this many skips in a row")
@@ -130,12 +153,19 @@ class DDASConfig(_Section):
 class EvalConfig(_Section):
     """Evaluation after every task."""
     batch_size: int = Field(256, ge=1, description="evaluation batch per rank")
-    modes: list[Literal["oracle", "agnostic"]] = Field(["oracle", "agnostic"], description="routing modes")
+    modes: list[Literal["oracle", "agnostic"]] = Field(["oracle", "agnostic"], min_length=1,
+                                                       description="routing modes")
     templates: Literal["ensemble", "train"] = Field("ensemble", description="prompt templates of the heads")
     max_samples: Optional[int] = Field(None, ge=1, description="cap test samples per set (quick looks)")
     cil: bool = Field(False, description="class-incremental: label space = all classes seen so far")
     reference_ddas: bool = Field(False, description="also evaluate the reference DDAS (per batch, fixed threshold)")
     workers: int = Field(0, ge=0, description="loader workers per rank for evaluation")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"eval.modes={self.modes} names a mode twice; list each mode once")
+        return self
 
 
 class RuntimeConfig(_Section):
@@ -170,6 +200,19 @@ class Config(_Section):
         return value
 
 
+def check_batch_fits(cfg: Config, tasks: Any) -> None:
+    """Refuse a ``data.batch_size`` larger than a training task's train split (each batch would repeat
+    images); needs the data, so the trainer calls it at start, before any training. ``tasks``: TaskInfos."""
+    if cfg.train.method == "zero-shot":
+        return
+    for task in tasks:
+        n = task.count("train")
+        if cfg.data.batch_size > n:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the train split of task "
+                              f"'{task.name}' ({n} images, {task.root / 'task.json'}); choose data.batch_size "
+                              f"<= {n}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading and overrides
 
@@ -202,26 +245,150 @@ _TYPE_WORDS = {"int_parsing": "an integer", "int_type": "an integer", "int_from_
                "list_type": "a list", "tuple_type": "a pair [a, b]", "dict_type": "a mapping"}
 
 
+_BOUND_WORDS = {"greater_than": "a value > {gt}", "greater_than_equal": "a value >= {ge}",
+                "less_than": "a value < {lt}", "less_than_equal": "a value <= {le}",
+                "finite_number": "a finite number (not nan or inf)", "too_short": "at least {min_length} item(s)"}
+
+
+def _loc(parts: tuple) -> str:
+    """``('train', 'betas', 0)`` -> ``train.betas[0]``; pydantic's union-member tags ('int', 'list[float]',
+    'constrained-float', ...) are dropped so the key reads as the user wrote it."""
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p not in ("int", "float") and not p.startswith(("list[", "tuple[", "function-", "constrained-")):
+            out += ("." if out else "") + p
+    return out
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
+    found = []  # (loc, is a type mismatch, line)
     for e in err.errors():
-        # pydantic adds union-member tags ('int', 'list[float]', ...) to the location: keep field names only
-        loc = ".".join(p for p in e["loc"] if isinstance(p, str) and p not in ("int", "float")
-                       and not p.startswith(("list[", "function-")))
+        loc = _loc(e["loc"])
         kind = e["type"]
         if kind == "extra_forbidden":
-            lines.append(f"unknown key '{loc}'{_suggest(loc)}")
+            found.append((loc, False, f"unknown key '{loc}'{_suggest(loc)}"))
         elif kind == "value_error":
-            lines.append(str(e["msg"]).removeprefix("Value error, "))
+            found.append((loc, False, str(e["msg"]).removeprefix("Value error, ")))
+        elif kind in _BOUND_WORDS:
+            expected = _BOUND_WORDS[kind].format(**e.get("ctx", {}))
+            found.append((loc, False, f"{loc}: got {e.get('input')!r}, expected {expected}"))
         else:
             expected = _TYPE_WORDS.get(kind)
             if kind == "literal_error":
                 expected = "one of " + e["ctx"]["expected"]
             what = f"expected {expected}" if expected else e["msg"]
-            lines.append(f"{loc}: got {e.get('input')!r}, {what}")
-    # Union fields report one error per member type; keep each message once.
+            found.append((loc, kind in _TYPE_WORDS, f"{loc}: got {e.get('input')!r}, {what}"))
+    # A union field (a value or a list) reports one error per member: when the value had the right shape for
+    # one member and broke a bound there, the other member's "wrong type" is noise.
+    bounded = [loc for loc, is_type, _ in found if not is_type]
+    lines = [line for loc, is_type, line in found
+             if not (is_type and any(b == loc or b.startswith(loc + "[") for b in bounded))]
     uniq = list(dict.fromkeys(lines))
     return f"invalid config ({source}):\n  " + "\n  ".join(uniq)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML from people: duplicate keys refused, alias expansion bounded, binary files refused
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; a larger file is not a config
+MAX_YAML_VALUES = 100_000  # values after alias expansion (an "alias bomb" expands to billions)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys and documents whose aliases expand beyond
+    MAX_YAML_VALUES values; the expanded size is counted on the composed node graph (linear in the file)
+    before anything is constructed, so a refused document costs no memory."""
+
+    def construct_document(self, node):
+        _expanded_size(node, {})
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _YamlRefused(f"duplicate key {key!r} at line {line} (first at line {seen[key]}); "
+                                       "keep one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _YamlRefused(Exception):
+    pass
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Values in ``node`` with every alias expanded (memoised per node; a recursive alias is refused)."""
+    key = id(node)
+    if key in memo:
+        if memo[key] is None:
+            raise _YamlRefused(f"recursive alias at line {node.start_mark.line + 1}")
+        return memo[key]
+    memo[key] = None
+    if isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_size(c, memo) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        n = 1
+    if n > MAX_YAML_VALUES:
+        raise _YamlRefused(f"its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; write the "
+                           "values out instead of nesting aliases")
+    memo[key] = n
+    return n
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass: safe tags only)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML written by a person: safe tags only, no duplicate keys, bounded alias expansion.
+    Errors are ConfigErrors naming ``source`` (a file or an override)."""
+    try:
+        return _parse_yaml(text)
+    except _YamlRefused as e:
+        raise ConfigError(f"{source} refused: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is nested too deeply to be a config") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+
+
+def read_config_file(path: Path) -> Any:
+    """A config file's parsed YAML; a directory, a binary, an oversized or an empty file is refused by name."""
+    if path.is_dir():
+        raise ConfigError(f"config path {path} is a directory; pass a YAML file (or a shipped config name, see "
+                          "`moecl configs`)")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise ConfigError(f"config path {path} is not a regular file; pass a YAML file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {size:,} bytes; a config is a small YAML file "
+                              f"(at most {MAX_CONFIG_BYTES:,} bytes)")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is binary, not YAML text (byte {e.start}); pass a YAML file") \
+            from None
+    data = load_yaml(text, f"config file {path}")
+    if data is None:
+        raise ConfigError(f"config file {path} is empty; write at least one section (model, moe, data, train, "
+                          "...), or pass a shipped config name (see `moecl configs`)")
+    return data
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -265,8 +432,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         if key not in valid_keys():
             raise ConfigError(f"unknown key '{key}' in override '{item}'{_suggest(key)}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = _parse_yaml(raw) if raw.strip() else ""
+        except _YamlRefused as e:
+            raise ConfigError(f"override '{item}' refused: {e}") from None
+        except (yaml.YAMLError, RecursionError):  # not YAML: the text itself (validation says if it fits)
             value = raw
         _set_dotted(tree, key, value)
     return tree
@@ -279,6 +448,33 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _leaf_types(annotation: Any) -> set:
+    """The scalar types a field can hold, through Optional / Union / list / tuple / Annotated."""
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return {annotation}
+    found: set = set()
+    for arg in typing.get_args(annotation):
+        found |= _leaf_types(arg)
+    return found
+
+
+def _refuse_bools_for_numbers(data: dict, source: str) -> None:
+    """pydantic reads ``true`` as 1 for a number (``train.lr=true`` would train at lr 1.0): refuse it by key."""
+    for section, sfield in Config.model_fields.items():
+        values = data.get(section)
+        if not isinstance(values, dict):
+            continue
+        for name, field in sfield.annotation.model_fields.items():
+            leaves = _leaf_types(field.annotation)
+            if bool in leaves or not leaves & {int, float}:
+                continue
+            value = values.get(name)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, bool) for v in items):
+                shown = json.dumps(value if not isinstance(value, tuple) else list(value), default=str)
+                raise ConfigError(f"invalid config ({source}):\n  {section}.{name}: got {shown}, expected a number")
+
+
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a shipped config by name or a YAML file by path, apply overrides, validate."""
     data: dict = {}
@@ -286,16 +482,14 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
         source = str(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        data = read_config_file(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (model, moe, data, ...)")
         data.pop("description", None)
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         source += " + overrides"
+    _refuse_bools_for_numbers(data, source)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
@@ -303,8 +497,21 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
 
 
 def config_description(path: Path) -> str:
-    data = yaml.safe_load(path.read_text()) or {}
-    return str(data.get("description", ""))
+    data = read_config_file(path)
+    return str(data.get("description", "")) if isinstance(data, dict) else ""
+
+
+def _plain_type(ann: Any) -> Any:
+    """``ann`` without its Annotated bounds (``Union[Annotated[int, Ge(1)], ...]`` -> ``Union[int, ...]``)."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Annotated:
+        return _plain_type(args[0])
+    if origin is None or origin is Literal or not args:
+        return ann
+    plain = tuple(_plain_type(a) for a in args)
+    if plain == args:
+        return ann
+    return (Union if origin is Union else ann.__origin__)[plain if len(plain) > 1 else plain[0]]
 
 
 def reference_markdown() -> str:
@@ -313,7 +520,7 @@ def reference_markdown() -> str:
     for section_name, section_field in Config.model_fields.items():
         section = section_field.annotation
         for name, field in section.model_fields.items():
-            ann = field.annotation
+            ann = _plain_type(field.annotation)
             type_name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
             default = field.get_default(call_default_factory=True)
             lines.append(f"| `{section_name}.{name}` | {type_name.replace('|', 'or')} | `{default!r}` | "

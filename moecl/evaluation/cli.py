@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -150,46 +151,72 @@ def write_results(loaded: LoadedRun, results: dict[str, Any], out_dir: Path, ext
     return written
 
 
-def evaluate_run(run: str | Path, checkpoint: Optional[str] = None, data_root: Optional[str] = None,
-                 sequence: Optional[str] = None, overrides: Optional[list[str]] = None, name: Optional[str] = None,
-                 device: str = "auto") -> tuple[dict[str, Any], dict[str, Path]]:
-    """Python form of ``moecl eval``: returns (results, written files)."""
+def _evaluate(run: str | Path, checkpoint: Optional[str], data_root: Optional[str], sequence: Optional[str],
+              overrides: Optional[list[str]], name: Optional[str], device: str, out: Optional[str | Path]):
+    """Load and score (nothing written): (loaded, results, output folder, extra fields of results.json)."""
     tic = time.time()
     loaded = load_run(run, checkpoint, device, data_root=data_root, sequence=sequence, overrides=overrides)
     results = evaluate_loaded(loaded)
     name = name or default_eval_name(loaded, data_root, sequence)
-    out_dir = Path(run) / EVAL_DIR / _slug(name)
-    written = write_results(loaded, results, out_dir, {"name": name, "overrides": list(overrides or []),
-                                                       "wall_time_s": round(time.time() - tic, 3)})
-    return results, written
+    out_dir = Path(out) if out is not None else Path(run) / EVAL_DIR / _slug(name)
+    extra = {"name": name, "overrides": list(overrides or []), "wall_time_s": round(time.time() - tic, 3)}
+    return loaded, results, out_dir, extra
+
+
+def _write(loaded: LoadedRun, results: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> dict[str, Path]:
+    from .report import unwritable
+    try:
+        return write_results(loaded, results, out_dir, extra)
+    except OSError as e:  # a read-only (archived) run folder, a full disk
+        raise unwritable(out_dir, e, "the results") from None
+
+
+def evaluate_run(run: str | Path, checkpoint: Optional[str] = None, data_root: Optional[str] = None,
+                 sequence: Optional[str] = None, overrides: Optional[list[str]] = None, name: Optional[str] = None,
+                 device: str = "auto", out: Optional[str | Path] = None) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Python form of ``moecl eval``: returns (results, written files). ``out``: write there instead of
+    ``RUN/eval/<name>/`` (for read-only or archived runs)."""
+    loaded, results, out_dir, extra = _evaluate(run, checkpoint, data_root, sequence, overrides, name, device, out)
+    return results, _write(loaded, results, out_dir, extra)
 
 
 def run_eval(args) -> int:
-    results, written = evaluate_run(args.run, getattr(args, "checkpoint", None), getattr(args, "data_root", None),
-                                    getattr(args, "sequence", None), getattr(args, "overrides", None) or [],
-                                    name=getattr(args, "name", None), device=getattr(args, "device", None) or "auto")
-    doc = json.loads(written["results"].read_text())
-    print(f"{doc['checkpoint']}: {doc['method']} after {doc['num_trained_tasks']} task(s), "
-          f"sequence {doc['sequence']['name']} ({doc['sequence']['root']})")
+    loaded, results, out_dir, extra = _evaluate(
+        args.run, getattr(args, "checkpoint", None), getattr(args, "data_root", None), getattr(args, "sequence", None),
+        getattr(args, "overrides", None) or [], getattr(args, "name", None), getattr(args, "device", None) or "auto",
+        getattr(args, "out", None))
+    seq = loaded.sequence
+    # the table first: a folder that cannot be written (read-only, archived) still shows the numbers
+    print(f"{loaded.checkpoint}: {METHOD_NAMES.get(loaded.method, loaded.method)} after "
+          f"{loaded.num_trained_tasks} task(s), sequence {seq.name} ({seq.root})")
     print(results_table(results))
     if results["held_out"]:
         print("* held-out set (never trained on)")
+    sys.stdout.flush()
+    written = _write(loaded, results, out_dir, extra)
     print(f"wrote {written['results']} and {len(written) - 1} CLIP_benchmark file(s) in "
           f"{written['results'].parent / 'clip_benchmark'}")
     return 0
 
 
 def run_report(args) -> int:
-    from .report import CLIP_BENCHMARK_DIR, PLOTS_DIR, REPORT_JSON, REPORT_MD, regenerate, summary_table
+    from .report import (CLIP_BENCHMARK_DIR, PLOTS_DIR, REPORT_JSON, REPORT_MD, load_report, recompute,
+                         summary_table, unwritable, write_report)
     run = Path(args.run)
-    report = regenerate(run)
+    out = Path(getattr(args, "out", None) or run)
+    report = recompute(load_report(run))
     print(summary_table(report))
-    files = [run / REPORT_JSON, run / REPORT_MD]
-    files += sorted((run / PLOTS_DIR).glob("*.png")) if (run / PLOTS_DIR).is_dir() else []
-    bench = sorted((run / CLIP_BENCHMARK_DIR).glob("*.json")) if (run / CLIP_BENCHMARK_DIR).is_dir() else []
+    sys.stdout.flush()
+    try:
+        write_report(out, report)
+    except OSError as e:  # a read-only (archived) run folder, a full disk
+        raise unwritable(out, e, "the report") from None
+    files = [out / REPORT_JSON, out / REPORT_MD]
+    files += sorted((out / PLOTS_DIR).glob("*.png")) if (out / PLOTS_DIR).is_dir() else []
+    bench = sorted((out / CLIP_BENCHMARK_DIR).glob("*.json")) if (out / CLIP_BENCHMARK_DIR).is_dir() else []
     print("wrote:")
     for f in files:
         print(f"  {f}")
     if bench:
-        print(f"  {run / CLIP_BENCHMARK_DIR}/ ({len(bench)} CLIP_benchmark file(s))")
+        print(f"  {out / CLIP_BENCHMARK_DIR}/ ({len(bench)} CLIP_benchmark file(s))")
     return 0

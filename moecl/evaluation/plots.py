@@ -87,5 +87,8 @@ def save_png(fig, path: Path) -> Path:
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:  # on a read-only folder this fails too and must not hide savefig's own error
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     return path

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from ..errors import DataError
+from ..errors import DataError, MoeclError
 from .loading import ZERO_SHOT, LoadedRun, load_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".gif", ".tif", ".tiff")
@@ -42,6 +42,8 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
             found.extend(files)
         elif p.is_file():
             found.append(p)
+        elif p.exists():
+            raise DataError(f"image path {p} is not a regular file or folder")
         else:
             raise DataError(f"image path {p} does not exist")
     return found
@@ -138,11 +140,13 @@ class Predictor:
     @torch.no_grad()
     def predict(self, images: Sequence[ImageInput], labels: Optional[Sequence[str]] = None,
                 task: Optional[str] = None, top: int = 5,
-                templates: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+                templates: Optional[Sequence[str]] = None,
+                skipped: Optional[list[tuple[str, str]]] = None) -> list[dict[str, Any]]:
         """Per image: ``{"image", "route", "route_id", "labels_from", "top": [{"label", "probability"}...],
         "ddas_error"?}``. ``labels``: an open vocabulary; ``task``: route through that task and (without
         ``labels``) score its class names; neither: DDAS routes each image and it is scored against its
-        routed task's classes (zero-shot: all classes of the sequence)."""
+        routed task's classes (zero-shot: all classes of the sequence). ``skipped``: a list to receive
+        ``(image, reason)`` for unreadable images, which are then left out instead of raising."""
         if labels is not None:
             labels = [str(l).strip() for l in labels if str(l).strip()]
             if not labels:
@@ -155,7 +159,16 @@ class Predictor:
         scale = model.logit_scale.exp().float()
         out: list[dict[str, Any]] = []
         for start in range(0, len(images), self.batch_size):
-            loaded = [self._load(img) for img in images[start:start + self.batch_size]]
+            loaded = []
+            for img in images[start:start + self.batch_size]:
+                try:
+                    loaded.append(self._load(img))
+                except (DataError, OSError, ValueError) as e:  # open_image names the file
+                    if skipped is None:
+                        raise
+                    skipped.append((str(img), str(e)))
+            if not loaded:
+                continue
             x = torch.stack([t for t, _ in loaded]).to(run.device)
             with run.autocast():
                 plain = model.encode_image(x, ZERO_SHOT, normalize=True).float()
@@ -188,10 +201,21 @@ def write_json(results: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """A text cell a spreadsheet will not run as a formula: one starting with = + - @ (or tab / CR) gets a
+    leading apostrophe (OWASP's advice). Image names and labels come from other people's files."""
+    text = str(text)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
 def write_csv(results: list[dict[str, Any]], path: str | Path, top: int) -> Path:
-    """One row per image: image, route, then label_i / probability_i for i = 1..top."""
+    """One row per image: image, route, then label_i / probability_i for i = 1..top (text cells escaped)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    top = min(top, max((len(r["top"]) for r in results), default=0))  # top may exceed the label count
     header = ["image", "route", "labels_from"]
     for i in range(1, top + 1):
         header += [f"label_{i}", f"probability_{i}"]
@@ -199,19 +223,25 @@ def write_csv(results: list[dict[str, Any]], path: str | Path, top: int) -> Path
         w = csv.writer(f)
         w.writerow(header)
         for r in results:
-            cells = [r["image"], r["route"], r["labels_from"]]
+            cells = [csv_cell(r["image"]), csv_cell(r["route"]), csv_cell(r["labels_from"])]
             for t in r["top"]:
-                cells += [t["label"], f"{t['probability']:.6f}"]
+                cells += [csv_cell(t["label"]), f"{t['probability']:.6f}"]
             w.writerow(cells + [""] * (len(header) - len(cells)))
     return path
+
+
+def _printable(text: str) -> str:
+    """A name for the terminal: control characters (escape sequences, newlines) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def format_predictions(results: list[dict[str, Any]], top: int) -> str:
     from .report import format_table
     shown = max((len(r["top"]) for r in results), default=top)
     cols = ["route"] + [f"#{i}" for i in range(1, shown + 1)]
-    rows = [[r["route"]] + [f"{t['label']} {100 * t['probability']:.1f}%" for t in r["top"]] for r in results]
-    names = [r["image"] for r in results]
+    rows = [[_printable(r["route"])] + [f"{_printable(t['label'])} {100 * t['probability']:.1f}%" for t in r["top"]]
+            for r in results]
+    names = [_printable(r["image"]) for r in results]
     common = _common_parent(names)
     if common:
         names = [n[len(common):] for n in names]
@@ -227,22 +257,38 @@ def _common_parent(names: list[str]) -> str:
     return common.rstrip(os.sep) + os.sep if common and common != os.sep else ""
 
 
+MAX_TOP = 1000
+
+
 def run_predict(args) -> int:
+    top = getattr(args, "top", None)
+    top = 5 if top is None else int(top)
+    if not 1 <= top <= MAX_TOP:
+        raise MoeclError(f"--top must be between 1 and {MAX_TOP} (labels shown per image), got {top}")
     images = find_images(args.images)
     labels = [l.strip() for l in args.labels.split(",") if l.strip()] if getattr(args, "labels", None) else None
     if getattr(args, "labels", None) is not None and not labels:
         raise DataError("--labels is empty: give comma-separated label names, e.g. --labels \"cat,dog\"")
-    top = int(getattr(args, "top", 5) or 5)
     predictor = Predictor(args.run, getattr(args, "checkpoint", None), getattr(args, "device", None) or "auto")
-    results = predictor.predict(images, labels=labels, task=getattr(args, "task", None), top=top)
+    skipped: list[tuple[str, str]] = []
+    results = predictor.predict(images, labels=labels, task=getattr(args, "task", None), top=top, skipped=skipped)
+    if skipped:  # listed, as data_tools lists unreadable images; the readable ones are still predicted
+        print(f"{len(skipped)} unreadable image(s) skipped:", file=sys.stderr)
+        for name, reason in skipped:  # open_image's reason names the file already
+            print("  " + _printable(reason if name in reason else f"{name}: {reason}"), file=sys.stderr)
+    if not results:
+        raise DataError(f"none of the {len(images)} image(s) could be read (listed above)")
     print(format_predictions(results, top))
     counts: dict[str, int] = {}
     for r in results:
         counts[r["route"]] = counts.get(r["route"], 0) + 1
-    print(f"{len(results)} image(s); routes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-          file=sys.stderr)
-    if getattr(args, "json", None):
-        print(f"wrote {write_json(results, args.json)}")
-    if getattr(args, "csv", None):
-        print(f"wrote {write_csv(results, args.csv, top)}")
+    print(f"{len(results)} image(s); routes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+          + (f"; {len(skipped)} unreadable skipped" if skipped else ""), file=sys.stderr)
+    for option, target, write in (("--json", getattr(args, "json", None), lambda p: write_json(results, p)),
+                                  ("--csv", getattr(args, "csv", None), lambda p: write_csv(results, p, top))):
+        if target:
+            try:
+                print(f"wrote {write(target)}")
+            except OSError as e:  # a read-only folder, a directory in the way, a full disk
+                raise MoeclError(f"cannot write {option} {target}: {e.strerror or e}") from None
     return 0

@@ -14,6 +14,7 @@ instead of a matrix. Accuracies are percentages.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..errors import MoeclError
 from . import plots
 from .metrics import cil_metrics, mtil_metrics
 
@@ -249,7 +251,29 @@ def _atomic_write(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
+        _discard(tmp)
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temp file; on a read-only folder this fails too, and must not hide the write's own error."""
+    try:
         tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def unwritable(folder: Path | str, err: OSError, what: str) -> MoeclError:
+    """The error for results that cannot be written to ``folder`` (read-only or archived run, full disk)."""
+    reason = err.strerror or str(err)
+    if err.filename:
+        reason += f": {err.filename}"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = f"{folder} is read-only (an archived or shared run?); pass --out DIR to write {what} elsewhere"
+    elif err.errno == errno.ENOSPC:
+        hint = f"the disk holding {folder} is full; free space or pass --out DIR to write {what} elsewhere"
+    else:
+        hint = f"pass --out DIR to write {what} elsewhere"
+    return MoeclError(f"cannot write to {folder} ({reason}); {hint}")
 
 
 def figures(report: dict[str, Any]):
@@ -321,7 +345,13 @@ def load_report(run_dir: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a moecl run folder with a finished "
                                 "evaluation?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoeclError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(report, dict):
+        raise MoeclError(f"{path} must hold a JSON object, found {type(report).__name__}")
+    return report
 
 
 def recompute(report: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from ..config import Config
+from ..config import Config, check_batch_fits
 from ..data import (Sequence, data_options, eval_batches, fill_template, load_sequence, make_transforms,
                     train_batches)
 from ..ddas import DDASSelector, fit_autoencoder
@@ -142,6 +142,7 @@ class ContinualTrainer:
         self.seq: Sequence = load_sequence(cfg.data.root, cfg.data.sequence, **data_options(cfg.data))
         if not self.seq.tasks:
             raise MoeclError(f"sequence {self.seq.name!r} names no tasks")
+        check_batch_fits(cfg, self.seq.tasks)
         self.ds = ds_config(cfg, self.info.world_size, self.device)
         self.micro = micro_batch(cfg, self.info.world_size)
         dtype = autocast_dtype(self.ds)
