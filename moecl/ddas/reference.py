@@ -138,7 +138,7 @@ def fit_reference_autoencoder(features: Callable[[torch.Tensor], torch.Tensor], 
             loss.backward()
             opt.step()
     ae.eval().requires_grad_(False)
-    return ae, {"threshold": float(cfg.fixed_threshold), "threshold_kind": "fixed", "final_loss": float(loss),
+    return ae, {"threshold": float(cfg.fixed_threshold), "threshold_kind": "fixed", "final_loss": float(loss.detach()),
                 "iterations": int(iterations) + 1, "feature_dim": int(dim)}
 
 

@@ -160,6 +160,11 @@ def summary_table(report: dict[str, Any], markdown: bool = False) -> str:
         cols += ["Held-out Avg", "Held-out Last"]
     rows = [[e.get("metrics", {}).get(k) for k in keys] for _, _, e in entries]
     names = [f"{method} ({mode})" for method, mode, _ in entries]
+    from .published import PUBLISHED_NAME, published_metrics
+    published = published_metrics(report)
+    if published:  # the paper's row for this sequence, to compare with the run's own
+        rows.append([published.get(k) for k in keys])
+        names.append(PUBLISHED_NAME)
     return format_table(rows, names, cols, markdown=markdown, corner="method (mode)")
 
 
