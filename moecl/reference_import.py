@@ -255,7 +255,9 @@ def import_reference(checkpoints: list[str | Path], model_name: str, sequence: s
                       + ([f"data.root={data_root}"] if data_root else []))
     seq_path = resolve_sequence(cfg.data.root, cfg.data.sequence)
     import yaml
-    tasks = [str(t) for t in (yaml.safe_load(seq_path.read_text()) or {}).get("tasks", [])]
+    seq_doc = yaml.safe_load(seq_path.read_text()) or {}
+    tasks = [str(t) for t in seq_doc.get("tasks", [])]
+    held_out = [str(t) for t in seq_doc.get("held_out", []) or []]
     if not tasks:
         raise ConfigError(f"sequence {seq_path} names no tasks")
     n = len(checkpoints)
@@ -334,7 +336,7 @@ def import_reference(checkpoints: list[str | Path], model_name: str, sequence: s
                                                             "world_size": 1, "ep_size": 1, "imported": source},
                                                            indent=1))
             ckpt.finalize(stage, tmp / "checkpoints" / name, {"task": trained, "step": 0, "task_end": True})
-        write_report(tmp, new_report(tasks, [], config=final_cfg.model_dump(mode="json"), imported=source))
+        write_report(tmp, new_report(tasks, held_out, config=final_cfg.model_dump(mode="json"), imported=source))
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

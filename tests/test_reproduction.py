@@ -348,6 +348,23 @@ def test_import_round_trip_gives_identical_outputs(published, world, alexnet_fil
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_import_one_checkpoint_per_task_then_report_the_matrix(published, world, alexnet_file, tmp_path, capsys):
+    from moecl.evaluation.cli import evaluate_run
+    from moecl.evaluation.report import regenerate
+    _, ckpt, _ = published
+    run = tmp_path / "imported"
+    rc, out = _import(capsys, ckpt, ckpt, "--model", "moecl-tiny", "--sequence", world / "sequence.yaml",
+                      "--out", run, "--data-root", world)
+    assert rc == 0, out.err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["task-000", "task-001"]
+    assert not regenerate(run)["methods"]  # no row evaluated yet: nothing to show
+    rows = [evaluate_run(run, name, device="cpu")[0]["modes"]["oracle"]["row"] for name in ("task-000", "task-001")]
+    report = regenerate(run)
+    entry = report["methods"]["moe-adapters-imported"]["oracle"]
+    assert entry["matrix"] == rows and report["held_out"] == ["colors"]
+    assert entry["metrics"]["last"] == pytest.approx((rows[1][0] + rows[1][1]) / 2)
+
+
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
@@ -396,7 +413,7 @@ def test_report_prints_the_published_row_for_published_sequences():
     report["methods"]["moecl"] = {"oracle": entry}
     table = summary_table(report)
     line = [ln for ln in table.splitlines() if ln.startswith("MoE-Adapters (published)")]
-    assert line and line[0].split()[3:6] == ["68.9", "76.7", "85.0"]
+    assert line and line[0].split()[2:5] == ["68.9", "76.7", "85.0"]
     cil = new_report(["s0"], config={"data": {"sequence": "/x/cifar100_10.yaml"}})
     cil["methods"]["moecl"] = {"oracle": build_method_entry([90.0, 80.0], "cil")}
     assert "85.2" in summary_table(cil) and "77.5" in summary_table(cil)

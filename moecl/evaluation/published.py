@@ -31,3 +31,30 @@ def published_metrics(report: dict[str, Any]) -> Optional[dict[str, float]]:
     """The published row for this report's sequence, or None when the sequence has none."""
     seq = report_sequence(report)
     return PUBLISHED.get(seq) if seq else None
+
+
+def imported_methods(run_dir: str | Path, report: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """An imported run's accuracy matrix, once ``moecl eval RUN --checkpoint task-XXX`` has scored every task's
+    checkpoint (rows = ``RUN/eval/task-XXX/results.json``). Returns ({method: {mode: entry}}, held-out names);
+    empty while a row is missing (only the final checkpoint imported, or not all evaluated yet)."""
+    import json
+
+    from .report import build_method_entry
+    tasks = list(report.get("tasks") or [])
+    rows: dict[str, list[list[float]]] = {}
+    kind, held = "mtil", list(report.get("held_out") or [])
+    for i in range(len(tasks)):
+        path = Path(run_dir) / "eval" / f"task-{i:03d}" / "results.json"
+        if not path.is_file():
+            return {}, held
+        doc = json.loads(path.read_text())
+        kind, held = doc.get("kind", "mtil"), list(doc.get("held_out") or [])
+        for mode, entry in doc.get("modes", {}).items():
+            rows.setdefault(mode, []).append(list(entry["row"]))
+    entries = {}
+    for mode, matrix in rows.items():
+        if len(matrix) != len(tasks):
+            continue
+        entries[mode] = (build_method_entry([r[0] for r in matrix], "cil") if kind == "cil" else
+                         build_method_entry(matrix, "mtil", names=tasks + held, num_tasks=len(tasks)))
+    return ({"moe-adapters-imported": entries} if entries else {}), held

@@ -345,6 +345,11 @@ def recompute(report: dict[str, Any]) -> dict[str, Any]:
 def regenerate(run_dir: Path | str) -> dict[str, Any]:
     """What ``moecl report RUN`` does: recompute metrics from report.json's matrices, rewrite every file."""
     report = recompute(load_report(run_dir))
+    if report.get("imported") and not report.get("methods"):  # `moecl import-reference`: rows from moecl eval
+        from .published import imported_methods
+        methods, held = imported_methods(run_dir, report)
+        report["methods"].update(methods)
+        report["held_out"] = held
     write_report(run_dir, report)
     return report
 
