@@ -419,3 +419,12 @@ def test_report_prints_the_published_row_for_published_sequences():
     assert "85.2" in summary_table(cil) and "77.5" in summary_table(cil)
     report["config"]["data"]["sequence"] = "synthetic"
     assert "published" not in summary_table(report)
+
+
+def test_import_reference_is_a_subcommand(capsys):
+    from moecl.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["import-reference", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: moecl import-reference" in out and "--autochooser" in out
