@@ -16,7 +16,10 @@ def __getattr__(name: str):
     if name in ("build_model", "MoECLIP"):
         from . import model
         return getattr(model, name)
+    if name == "load_run":  # a trained (or imported) run, ready to evaluate: see moecl.evaluation.loading
+        from .evaluation.loading import load_run
+        return load_run
     raise AttributeError(name)
 
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "build_model", "MoECLIP", "__version__"]
+__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "build_model", "MoECLIP", "load_run", "__version__"]

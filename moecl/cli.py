@@ -64,6 +64,21 @@ def _add_demo(sub) -> None:
     p.add_argument("--quick", action="store_true", help="far fewer steps (a smoke test)")
 
 
+def _add_import_reference(sub) -> None:
+    p = sub.add_parser("import-reference", help="turn the authors' published checkpoints into a moecl run",
+                       description="Read published MoE-Adapters .pth checkpoints (weights only) and write a normal "
+                                   "run folder that `moecl eval`, `moecl report` and `moecl predict` use as they are. "
+                                   "See docs/reproduction.md.")
+    p.add_argument("checkpoints", nargs="+", help="the final .pth, or one per task in sequence order")
+    p.add_argument("--model", required=True, help="open_clip model name of the backbone, e.g. ViT-B-16-quickgelu")
+    p.add_argument("--sequence", required=True, help="the sequence it was trained on (shipped name or YAML path)")
+    p.add_argument("--out", required=True, help="new run folder")
+    p.add_argument("--autochooser", nargs="+", default=None, help="the DDAS autochooser .pth (final, or one per checkpoint)")
+    p.add_argument("--config", default=None, help="base config (default: the sequence's *_reference config)")
+    p.add_argument("--data-root", default=None, help="data.root of the imported run")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides of the run's config")
+
+
 def _add_configs(sub) -> None:
     sub.add_parser("configs", help="list the shipped configs", description="List the configs shipped inside the "
                    "package; pass a name to `moecl train --config NAME`.")
@@ -73,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moecl", description="Continual learning of CLIP with Mixture-of-"
                                      "Experts adapters, scaled with DeepSpeed.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_eval, _add_report, _add_predict, _add_demo, _add_configs):
+    for add in (_add_train, _add_eval, _add_report, _add_predict, _add_demo, _add_configs,
+                _add_import_reference):
         add(sub)
     return parser
 
@@ -93,7 +109,8 @@ def _dispatch(args) -> int:
         from .config import load_config
         args.cfg = load_config(args.config, args.overrides)
     target = {"train": "moecl.train.cli", "eval": "moecl.evaluation.cli", "report": "moecl.evaluation.cli",
-              "predict": "moecl.evaluation.predict", "demo": "moecl.demo"}[args.command]
+              "predict": "moecl.evaluation.predict", "demo": "moecl.demo",
+              "import-reference": "moecl.reference_import"}[args.command]
     try:
         module = importlib.import_module(target)
     except ModuleNotFoundError as e:
@@ -101,7 +118,7 @@ def _dispatch(args) -> int:
             print(f"moecl {args.command}: not yet available in this version", file=sys.stderr)
             return 2
         raise
-    return getattr(module, f"run_{args.command}")(args)
+    return getattr(module, f"run_{args.command.replace('-', '_')}")(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,6 +148,15 @@ class DDASConfig(_Section):
     margin: float = Field(1.1, ge=1.0, description="calibrated threshold = quantile x margin")
     fixed_threshold: float = Field(0.0655, gt=0.0, description="threshold when threshold=fixed")
     decision: Literal["sample", "batch"] = Field("sample", description="decide per sample or per batch (reference)")
+    kind: Literal["clip", "reference"] = Field(
+        "clip", description="clip: autoencoders on CLIP features; reference: the published AlexNet selector")
+    alexnet_weights: Optional[str] = Field(
+        None, description="kind=reference: local torchvision AlexNet weights (default: torch hub checkpoints dir)")
+    reference_task: Optional[str] = Field(
+        None, description="kind=reference: task folder (path or name under data.root) of the plain-CLIP slot")
+    reference_iterations: int = Field(1000, ge=1, description="kind=reference: steps of the reference-domain slot")
+    future_slots_vote: bool = Field(
+        False, description="kind=reference: stored untrained slots vote too (the published code's behaviour)")
 
 
 class EvalConfig(_Section):
@@ -160,6 +169,9 @@ class EvalConfig(_Section):
     cil: bool = Field(False, description="class-incremental: label space = all classes seen so far")
     reference_ddas: bool = Field(False, description="also evaluate the reference DDAS (per batch, fixed threshold)")
     workers: int = Field(0, ge=0, description="loader workers per rank for evaluation")
+    gate_noise: bool = Field(False, description="keep the gates' training noise on at test time (published CIL eval)")
+    transform: Literal["eval", "train"] = Field(
+        "eval", description="test-image transform: eval (center crop) or train (random crop, published CIL eval)")
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":

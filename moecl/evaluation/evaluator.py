@@ -94,7 +94,8 @@ class Evaluator:
         if mode == "oracle" or selector is None or selector.num_tasks == 0:
             route = oracle_route if mode == "oracle" else ZERO_SHOT
             return torch.full((images.shape[0],), route, dtype=torch.long, device=images.device), plain
-        return selector.select(plain, decision=decision).to(images.device), plain
+        inputs = images if getattr(selector, "reads_images", False) else plain  # the reference DDAS reads pixels
+        return selector.select(inputs, decision=decision).to(images.device), plain
 
     @torch.no_grad()
     def evaluate(self, task: TaskInfo, labels: LabelSet, *, mode: str, oracle_route: int,

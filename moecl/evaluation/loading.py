@@ -110,6 +110,8 @@ def eval_modes(cfg: Config, selector: Any) -> list[EvalMode]:
 def fixed_threshold(selector: Any, threshold: float) -> Any:
     """The same autoencoders with one hand-set threshold for every task (the reference setting)."""
     from ..ddas import DDASSelector
+    if hasattr(selector, "with_threshold"):  # the reference selector rebuilds itself (AlexNet is not in its state)
+        return selector.with_threshold(threshold)
     tensors, meta = selector.to_state()
     meta = dict(meta, thresholds=[float(threshold)] * len(meta["thresholds"]))
     tensors = dict(tensors, thresholds=torch.full_like(tensors["thresholds"], float(threshold)))  # the buffer wins
@@ -212,7 +214,7 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
     ``device``: auto (GPU when present), cpu, cuda[:i].
     """
     from ..data import data_options, load_sequence, make_transforms
-    from ..ddas import DDASSelector
+    from ..ddas import load_selector
     from ..model import image_size_of, tokenizer_for
     from ..model.state import load_adapter_state
     from ..runtime import configure_accelerator_env, pick_device
@@ -240,11 +242,12 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
         from safetensors.torch import load_file
         model.clip.load_state_dict(load_file(str(path / "backbone.safetensors"), device=str(dev)))
     model.eval()
+    model.set_eval_gate_noise(cfg.eval.gate_noise)
     selector = None
     if (path / "ddas.safetensors").is_file() and (path / "ddas.json").is_file():
         from safetensors.torch import load_file
-        selector = DDASSelector.from_state(load_file(str(path / "ddas.safetensors")),
-                                           json.loads((path / "ddas.json").read_text())).to(dev)
+        selector = load_selector(load_file(str(path / "ddas.safetensors")),
+                                 json.loads((path / "ddas.json").read_text()), cfg.ddas).to(dev)
         if cfg.ddas.threshold == "fixed":  # an eval-time ddas.threshold=fixed override
             selector = fixed_threshold(selector, cfg.ddas.fixed_threshold).to(dev)
     if "task" in progress:  # task-end checkpoints store the next task to train = tasks finished
@@ -259,8 +262,10 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
     names = _trained_task_names(run_dir, cfg) if (sequence is not None or data_root is not None or seq is None) \
         else seq.task_names
     pcfg = getattr(model.clip.visual, "preprocess_cfg", {}) or {}
-    _, eval_tf = make_transforms(image_size_of(model.clip), cfg.data.train_crop_scale,
-                                 mean=pcfg.get("mean"), std=pcfg.get("std"))
+    train_tf, eval_tf = make_transforms(image_size_of(model.clip), cfg.data.train_crop_scale,
+                                        mean=pcfg.get("mean"), std=pcfg.get("std"))
+    if cfg.eval.transform == "train":  # the published CIL evaluation scores the training crop
+        eval_tf = train_tf
     return LoadedRun(run_dir=run_dir, cfg=cfg, model=model, selector=selector, sequence=seq,
                      tokenizer=tokenizer_for(cfg.model), eval_tf=eval_tf, checkpoint=path, num_trained_tasks=trained,
                      trained_task_names=names, device=dev, autocast=_autocast(cfg, dev), trainer_state=state)

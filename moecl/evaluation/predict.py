@@ -118,15 +118,17 @@ class Predictor:
         seq.task(task)  # a DataError listing the tasks when there is no such task
         return self.run.route_of(task, held_out=task in [t.name for t in seq.held_out])
 
-    def routes(self, plain: torch.Tensor, task: Optional[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def routes(self, plain: torch.Tensor, task: Optional[str], images: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Route per image (DDAS per sample unless ``task`` forces one) and the DDAS errors [N, T] if used."""
         n, dev = plain.shape[0], plain.device
         if task is not None:
             return torch.full((n,), self.forced_route(task), dtype=torch.long, device=dev), None
         sel = self.run.selector
         if self.run.method == "moe-adapters" and self.run.cfg.ddas.enabled and sel is not None and sel.num_tasks:
-            errors = sel.errors(plain)
-            return sel.select(plain, decision="sample").to(dev), errors
+            inputs = images if getattr(sel, "reads_images", False) and images is not None else plain
+            errors = sel.errors(inputs)
+            return sel.select(inputs, decision="sample").to(dev), errors
         route = 0 if self.run.method == "dense-adapter" and self.run.num_trained_tasks else ZERO_SHOT
         return torch.full((n,), route, dtype=torch.long, device=dev), None
 
@@ -172,7 +174,7 @@ class Predictor:
             x = torch.stack([t for t, _ in loaded]).to(run.device)
             with run.autocast():
                 plain = model.encode_image(x, ZERO_SHOT, normalize=True).float()
-                routes, errors = self.routes(plain, task)
+                routes, errors = self.routes(plain, task, x)
                 feats = (model.encode_image(x, routes, normalize=True).float() if bool((routes >= 0).any())
                          else plain)
             rows: list[Optional[dict[str, Any]]] = [None] * len(loaded)

@@ -162,6 +162,11 @@ def summary_table(report: dict[str, Any], markdown: bool = False) -> str:
         cols += ["Held-out Avg", "Held-out Last"]
     rows = [[e.get("metrics", {}).get(k) for k in keys] for _, _, e in entries]
     names = [f"{method} ({mode})" for method, mode, _ in entries]
+    from .published import PUBLISHED_NAME, published_metrics
+    published = published_metrics(report)
+    if published:  # the paper's row for this sequence, to compare with the run's own
+        rows.append([published.get(k) for k in keys])
+        names.append(PUBLISHED_NAME)
     return format_table(rows, names, cols, markdown=markdown, corner="method (mode)")
 
 
@@ -370,6 +375,11 @@ def recompute(report: dict[str, Any]) -> dict[str, Any]:
 def regenerate(run_dir: Path | str) -> dict[str, Any]:
     """What ``moecl report RUN`` does: recompute metrics from report.json's matrices, rewrite every file."""
     report = recompute(load_report(run_dir))
+    if report.get("imported") and not report.get("methods"):  # `moecl import-reference`: rows from moecl eval
+        from .published import imported_methods
+        methods, held = imported_methods(run_dir, report)
+        report["methods"].update(methods)
+        report["held_out"] = held
     write_report(run_dir, report)
     return report
 

@@ -173,6 +173,11 @@ class MoECLIP(nn.Module):
         k = self.moe_cfg.freeze_top if k is None else k
         return {name: site.freeze_most_selected(k) for name, site in self.named_moe_sites()}
 
+    def set_eval_gate_noise(self, on: bool) -> None:
+        """Keep the gates' noise on in eval mode (the published CIL evaluation does); off by default."""
+        for site in self.moe_sites():
+            site.gate.eval_noise = bool(on)
+
     def named_moe_sites(self) -> Iterator[tuple[str, MoEAdapter]]:
         for tower, sites in (("image", self.image_sites), ("text", self.text_sites)):
             for i, site in enumerate(sites):

@@ -68,6 +68,12 @@ class TaskRouterGate(TopKGate):
         self.routers = nn.ParameterList()
         self.noise = nn.ParameterList()
         self.last_counts: Optional[torch.Tensor] = None
+        self.eval_noise = False  # noise at test time too (the published CIL evaluation); see MoECLIP.set_eval_gate_noise
+
+    @property
+    def noisy(self) -> bool:
+        """Whether logits get noise now: always in training, at eval only when ``eval_noise`` is set."""
+        return self.training or self.eval_noise
 
     def add_task(self) -> None:
         if self.shared_router and len(self.routers) == 1:
@@ -92,7 +98,7 @@ class TaskRouterGate(TopKGate):
             task_ids, single = torch.zeros_like(task_ids), 0
         clean = task_logits(route.features, list(self.routers), task_ids, single)
         logits = clean
-        if self.training:
+        if self.noisy:
             noise_logits = task_logits(route.features, list(self.noise), task_ids, single)
             logits = noisy_logits(clean, noise_logits, self.noise_eps)
         cap = self.capacity_factor if self.training else self.eval_capacity_factor

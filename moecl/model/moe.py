@@ -119,7 +119,7 @@ class MoEAdapter(MoE):
         ids, single = (torch.zeros_like(task_ids), 0) if gate.shared_router else (task_ids, single_task)
         clean = task_logits(route_tokens, list(gate.routers), ids, single)
         logits = clean
-        if self.training:
+        if gate.noisy:
             logits = noisy_logits(clean, task_logits(route_tokens, list(gate.noise), ids, single), gate.noise_eps)
         probs = logits.softmax(dim=1)
         top, idx = probs.topk(gate.k, dim=1)  # [B, k], as DeepSpeed's topkgating selects

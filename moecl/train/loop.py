@@ -23,7 +23,7 @@ import yaml
 from ..config import Config, check_batch_fits
 from ..data import (Sequence, data_options, eval_batches, fill_template, load_sequence, make_transforms,
                     train_batches)
-from ..ddas import DDASSelector, fit_autoencoder
+from ..ddas import DDASSelector, fit_autoencoder, load_selector
 from ..errors import CheckpointError, MoeclError
 from ..folder_lock import FolderLock
 from ..evaluation.evaluator import Evaluator, cil_label_set, confusion_row, label_set
@@ -158,6 +158,11 @@ class ContinualTrainer:
         self.train_tf, self.eval_tf = make_transforms(image_size_of(self.model.clip), cfg.data.train_crop_scale,
                                                       mean=pcfg.get("mean"), std=pcfg.get("std"))
         self.selector = DDASSelector()
+        if cfg.ddas.kind == "reference" and self.method == "moe-adapters" and cfg.ddas.enabled:
+            from ..ddas.reference import ReferenceSelector, load_alexnet_features
+            self.selector = ReferenceSelector(load_alexnet_features(cfg.ddas.alexnet_weights)).to(self.device)
+            self.selector.future_slots_vote = cfg.ddas.future_slots_vote
+        self.model.set_eval_gate_noise(cfg.eval.gate_noise)
         self.progress = Progress()
         self.writer = self._tensorboard()
 
@@ -529,6 +534,8 @@ class ContinualTrainer:
         return torch.cat(parts)
 
     def _fit_ddas(self, t: int, task) -> None:
+        if self.cfg.ddas.kind == "reference":
+            return self._fit_reference_ddas(t, task)
         feats = self._image_features(task, "train", self.cfg.ddas.max_images)
         maybe_kill("ddas", t, None, self.info.rank)
         ae, stats = fit_autoencoder(feats, self.cfg.ddas, seed=_stable_seed(self.cfg.train.seed, "ddas", t))
@@ -541,8 +548,23 @@ class ContinualTrainer:
             log.info("task %d: DDAS autoencoder on %d images, threshold %.5f", t, len(feats), threshold)
             self.writer.add_scalar("ddas/threshold", threshold, t)
 
+    def _fit_reference_ddas(self, t: int, task) -> None:
+        """The published selector: the reference-domain slot first (once), then this task's slot."""
+        from .reference_ddas import fit_reference_slot
+        if t == 0 and self.cfg.ddas.reference_task and not self.selector.has_reference_slot:
+            info = fit_reference_slot(self, None)
+            if self.is_main:
+                log.info("DDAS (reference): reference-domain slot fitted, final loss %.5f", info["final_loss"])
+        info = fit_reference_slot(self, t, task)
+        maybe_kill("ddas", t, None, self.info.rank)
+        self.progress.ddas.append(info)
+        if self.is_main:
+            log.info("task %d: DDAS (reference) autoencoder, final loss %.5f, threshold %.5f", t,
+                     info["final_loss"], info["threshold"])
+
     def _evaluator(self) -> Evaluator:
-        return Evaluator(self.model, self.tokenizer, self.eval_tf, device=self.device,
+        eval_tf = self.train_tf if self.cfg.eval.transform == "train" else self.eval_tf
+        return Evaluator(self.model, self.tokenizer, eval_tf, device=self.device,
                          batch_size=self.cfg.eval.batch_size, rank=self.info.rank, world_size=self.info.world_size,
                          workers=self.cfg.eval.workers, autocast=self.autocast, max_samples=self.cfg.eval.max_samples,
                          max_bad_fraction=self.cfg.data.max_bad_fraction,
@@ -736,8 +758,9 @@ class ContinualTrainer:
             self.model.clip.load_state_dict(load_file(str(path / "backbone.safetensors")))
         if (path / "ddas.safetensors").is_file():
             from safetensors.torch import load_file
-            self.selector = DDASSelector.from_state(load_file(str(path / "ddas.safetensors")),
-                                                    json.loads((path / "ddas.json").read_text()))
+            sel = load_selector(load_file(str(path / "ddas.safetensors")),
+                                json.loads((path / "ddas.json").read_text()), self.cfg.ddas)
+            self.selector = sel.to(self.device) if getattr(sel, "reads_images", False) else sel
         self._resume_path = path if not state["task_end"] else None
         if self.is_main:
             log.info("resumed from %s (task %d, step %d)", path, self.progress.task, self.progress.step)
