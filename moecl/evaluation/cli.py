@@ -13,11 +13,10 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-
-from .loading import LoadedRun, load_run
+if TYPE_CHECKING:  # torch, DeepSpeed and open_clip load only when a command needs a model (not `moecl report`)
+    from .loading import LoadedRun
 
 EVAL_DIR = "eval"
 METHOD_NAMES = {"moe-adapters": "moecl", "full-ft": "continual-ft", "zero-shot": "zero-shot",
@@ -38,10 +37,15 @@ def default_eval_name(loaded: LoadedRun, data_root: Optional[str], sequence: Opt
     return "__".join(parts)
 
 
-@torch.no_grad()
 def evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
     """Score every test set of ``loaded.sequence`` in every mode; the trainer's ``_evaluate_row`` for the
     loaded checkpoint. Returns ``{"kind", "columns", "held_out", "route_names", "modes": {mode: {...}}}``."""
+    import torch
+    with torch.no_grad():
+        return _evaluate_loaded(loaded, modes)
+
+
+def _evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
     from .evaluator import Evaluator, cil_label_set, confusion_row, label_set
 
     cfg, seq = loaded.cfg, loaded.sequence
@@ -154,6 +158,7 @@ def evaluate_run(run: str | Path, checkpoint: Optional[str] = None, data_root: O
                  sequence: Optional[str] = None, overrides: Optional[list[str]] = None, name: Optional[str] = None,
                  device: str = "auto") -> tuple[dict[str, Any], dict[str, Path]]:
     """Python form of ``moecl eval``: returns (results, written files)."""
+    from .loading import load_run
     tic = time.time()
     loaded = load_run(run, checkpoint, device, data_root=data_root, sequence=sequence, overrides=overrides)
     results = evaluate_loaded(loaded)

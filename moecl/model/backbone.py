@@ -10,7 +10,10 @@ from typing import Optional
 import open_clip
 from torch import nn
 
+from ..backbones import register_backbones
 from ..config import ConfigError, ModelConfig
+
+register_backbones()  # moecl-tiny / moecl-small resolvable by open_clip's own factory
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
