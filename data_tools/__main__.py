@@ -13,14 +13,29 @@ LAYOUT = ("Output: ROOT/<task>/<split>-NNNNNN.tar (image + .cls + .json per samp
 
 def _folder(sub) -> None:
     from .common import add_write_args
-    p = sub.add_parser("folder", help="a class-per-subfolder tree or a CSV/JSONL manifest into one task",
+    p = sub.add_parser("folder", help="a class-per-subfolder tree or a CSV/JSONL manifest into one task "
+                                      "(or, with --tasks N, into N class-incremental tasks)",
                        description="Convert SRC/<class>/* (or SRC/<split>/<class>/*, or a CSV/JSONL manifest with "
-                                   "path,label[,split]) into the shards of one task. " + LAYOUT)
+                                   "path,label[,split]) into the shards of one task; with --tasks N, cut its classes "
+                                   "into N class-incremental tasks TASK-01..TASK-N and write the sequence file "
+                                   "OUT/TASK.yaml (kind: cil) to train them: moecl train ... data.root=OUT "
+                                   "data.sequence=OUT/TASK.yaml. Folder names / labels are the class names; integer "
+                                   "labels need --classnames. " + LAYOUT)
     p.add_argument("src", help="image tree or manifest file (.csv / .jsonl)")
     p.add_argument("--out", required=True, help="data root; the task goes to OUT/TASK")
     p.add_argument("--task", default=None, help="task name (default: the source's name)")
     p.add_argument("--split", default="train", help="split name of a tree without split folders (default train)")
-    p.add_argument("--classnames", default=None, help="class names in label order: a file (one per line) or a,b,c")
+    p.add_argument("--classnames", default=None,
+                   help="name the classes: a mapping LABEL=NAME (4=four,5=five, or a file of two columns "
+                        "'LABEL NAME'), or names by position (a,b,c or a file with one per line: integer label 0 is "
+                        "the first name)")
+    p.add_argument("--tasks", type=int, default=None,
+                   help="cut the classes into N class-incremental tasks (sizes differ by at most one) and write "
+                        "OUT/TASK.yaml")
+    p.add_argument("--class-order", default=None,
+                   help="with --tasks: the class order, comma-separated names (default: sorted labels)")
+    p.add_argument("--class-seed", type=int, default=None,
+                   help="with --tasks: a seeded random class order (torch.randperm, as Avalanche's nc_benchmark)")
     p.add_argument("--template", default="a photo of a {}.", help="training prompt template ('{}' = class)")
     p.add_argument("--eval-template", action="append", default=None,
                    help="an evaluation template (repeat for an ensemble; default: the training template)")
@@ -113,7 +128,21 @@ def _csv(value):
 
 def run(args: argparse.Namespace) -> int:
     from .common import write_options
-    if args.command == "folder":
+    if args.command == "folder" and (args.tasks is not None or args.class_order or args.class_seed is not None):
+        from .folder import convert_class_split, read_classnames_arg
+        if args.tasks is None:
+            raise ValueError("--class-order / --class-seed need --tasks N")
+        folders, seq = convert_class_split(
+            args.src, args.out, tasks=args.tasks, name=args.task, split=args.split,
+            classnames=read_classnames_arg(args.classnames), order=_csv(args.class_order),
+            order_seed=args.class_seed, template=args.template, eval_templates=args.eval_template,
+            test_fraction=args.test_fraction, seed=args.seed, keep_underscores=args.keep_underscores,
+            opts=write_options(args), build="python -m data_tools " + " ".join(getattr(args, "argv", None) or []))
+        for path in folders:
+            print(f"wrote {path}")
+        print(f"wrote {seq} (train it: moecl train --config demo --out RUN data.root={args.out} data.sequence={seq} "
+              "model.init_checkpoint=demo)")
+    elif args.command == "folder":
         from .folder import convert_folder, read_classnames_arg
         path = convert_folder(args.src, args.out, task=args.task, split=args.split,
                               classnames=read_classnames_arg(args.classnames), template=args.template,
@@ -157,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     if not args.command:
         parser.print_help()
         return 1
