@@ -111,7 +111,7 @@ def check_sequence_fields(data: dict, path: Path | str) -> None:
     if not isinstance(data["name"], (str, int)) or isinstance(data["name"], bool) or not str(data["name"]).strip():
         raise bad("name", data["name"])
     if str(data.get("kind", "mtil")) not in KINDS:
-        raise DataError(f"sequence file {path}: field 'kind' is {data.get('kind')!r}, not one of "
+        raise DataError(f"sequence file {path}: field 'kind': kind '{data.get('kind')}' is not one of "
                         f"{', '.join(KINDS)} ({FIELDS['kind']})")
     tasks = data["tasks"]
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, (str, int)) for t in tasks):
