@@ -42,7 +42,8 @@ def _add_predict(sub) -> None:
                                    "labels with probabilities.")
     p.add_argument("run", help="run folder")
     p.add_argument("--images", nargs="+", required=True, help="image files or folders")
-    p.add_argument("--labels", default=None, help="comma-separated label names (open vocabulary)")
+    p.add_argument("--labels", default=None, help="comma-separated label names (open vocabulary), or all-seen: "
+                                                 "every class of every learned task")
     p.add_argument("--task", default=None, help="use this task's class names as labels")
     p.add_argument("--json", default=None, help="also write results to this JSON file")
     p.add_argument("--csv", default=None, help="also write results to this CSV file")

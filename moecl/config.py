@@ -32,7 +32,8 @@ class ModelConfig(_Section):
         None, description="open_clip pretrained tag, a local .pt/.bin/.safetensors file, or hf-hub:ORG/NAME")
     cache_dir: Optional[str] = Field(None, description="where open_clip looks for tag/hf-hub weights (offline)")
     init_checkpoint: Optional[str] = Field(
-        None, description="a full-model safetensors file to start from (e.g. the demo's pretrained tiny CLIP)")
+        None, description="a full-model safetensors file to start from, or demo: the demo's pretrained moecl-tiny "
+                          "(built into the cache on first use)")
     grad_checkpointing: bool = Field(False, description="recompute backbone activations in backward")
 
 

@@ -73,6 +73,51 @@ def default_cache() -> Path:
     return base / "moecl"
 
 
+INIT_CHECKPOINTS = {"demo": False, "demo-quick": True}  # model.init_checkpoint values -> quick?
+
+
+def demo_backbone(cache: Optional[Path] = None, *, quick: bool = False, workers: int = 1, progress: bool = True,
+                  device: Optional[str] = None, threads: Optional[int] = None):
+    """The demo's pretrained tiny CLIP (``model.init_checkpoint=demo``): the synthetic world and the
+    contrastive pretraining on its captions, each built once and then read from ``cache`` (default
+    :func:`default_cache`). Returns (world folder, :class:`~moecl.pretrain.PretrainResult`)."""
+    from data_tools.synthetic import build_world
+    cache = Path(cache) if cache is not None else default_cache()
+    world = _world_dir(cache, WORLD_QUICK if quick else WORLD)
+    build_world(world, workers=max(1, workers), progress=progress, **(WORLD_QUICK if quick else WORLD))
+    result = pretrain_clip(world, cache / "pretrained", PRETRAIN_QUICK if quick else PRETRAIN, workers=workers,
+                           device=device, progress=progress, threads=threads)
+    return world, result
+
+
+def resolve_init_checkpoint(value: Optional[str], model_name: str, *, build: bool = True,
+                            progress: bool = False) -> Optional[str]:
+    """``model.init_checkpoint`` as a file: ``demo`` / ``demo-quick`` name the demo's pretrained tiny CLIP
+    (built into the cache on first use when ``build``); anything else is returned as given."""
+    if value not in INIT_CHECKPOINTS:
+        return value
+    quick = INIT_CHECKPOINTS[value]
+    params = PRETRAIN_QUICK if quick else PRETRAIN
+    if model_name != params.model:
+        from .config import ConfigError
+        raise ConfigError(f"model.init_checkpoint={value} is the demo's pretrained {params.model}; set "
+                          f"model.name={params.model} (model.name is {model_name!r})")
+    if not build:
+        from .pretrain import cached_result
+        world = _world_dir(default_cache(), WORLD_QUICK if quick else WORLD)
+        hit = cached_result(params, world, default_cache() / "pretrained") if (world / "world.json").is_file() \
+            else None
+        if hit is None:
+            from .config import ConfigError
+            raise ConfigError(f"model.init_checkpoint={value}: the demo's pretrained tiny CLIP is not in the cache "
+                              f"{default_cache()} ($MOECL_CACHE); build it with `moecl demo"
+                              f"{' --quick' if quick else ''}` or start a `moecl train` that names it")
+        return str(hit.weights)
+    log.info("model.init_checkpoint=%s: the demo's pretrained %s (cache %s; built once, a few minutes on a CPU)",
+             value, params.model, default_cache())
+    return str(demo_backbone(quick=quick, progress=progress)[1].weights)
+
+
 def _world_dir(cache: Path, params: dict[str, Any]) -> Path:
     tag = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     return cache / "worlds" / f"synthetic-{tag}"
@@ -277,7 +322,7 @@ def _run_demo(args) -> int:
     tic = time.time()
     _say(f"[1/4] synthetic world -> {world}")
     build_world(world, workers=max(1, base_cfg.data.workers), progress=not quick, **world_params)
-    timings["world_s"] = round(time.time() - tic, 1)
+    timings["world_s"] = round(time.time() - tic, 1)  # (demo_backbone() does steps 1 and 2 for init_checkpoint=demo)
 
     # 2. the foundation -------------------------------------------------------------------------------------
     from .runtime import pick_device

@@ -76,6 +76,22 @@ class ContinualTrainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: Optional[str] = None):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         self.info: DistInfo = init_distributed(cfg.runtime.device)
+        created = not self.run_dir.exists()
+        try:
+            self._setup(cfg)
+        except BaseException:
+            if created and self.is_main:  # a run that never started leaves no half-made run folder behind
+                self._drop_run_dir()
+            raise
+
+    def _drop_run_dir(self) -> None:
+        for h in list(log.handlers):
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == self.run_dir.resolve():
+                log.removeHandler(h)
+                h.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _setup(self, cfg: Config) -> None:
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.device = self.info.device
@@ -91,6 +107,7 @@ class ContinualTrainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         _seed_all(cfg.train.seed)
+        self._prepare_backbone_weights()
         self.model: MoECLIP = build_model(cfg.model, cfg.moe, ADAPTER_METHOD[self.method]).to(self.device)
         if self.method == "moe-adapters" and cfg.moe.ep_size > 1:
             self.model.setup_expert_parallel()
@@ -122,6 +139,19 @@ class ContinualTrainer:
             log.addHandler(handler)
             log.setLevel(logging.INFO)
         self._barrier()
+
+    def _prepare_backbone_weights(self) -> None:
+        """``model.init_checkpoint=demo``: rank 0 builds the demo's pretrained tiny CLIP into the cache once
+        (the other ranks wait, then read it). No weights at all: say so, once, before anything trains."""
+        mcfg = self.cfg.model
+        if mcfg.init_checkpoint and self.is_main:
+            from ..demo import resolve_init_checkpoint
+            resolve_init_checkpoint(mcfg.init_checkpoint, mcfg.name, progress=self.cfg.runtime.progress)
+        self._barrier()
+        if self.is_main and not mcfg.pretrained and not mcfg.init_checkpoint:
+            log.warning("the backbone %s is randomly initialised (no model.pretrained, no model.init_checkpoint): "
+                        "accuracies will be near chance. For a small backbone that has learned something use "
+                        "model.init_checkpoint=demo (the demo's pretrained moecl-tiny)", mcfg.name)
 
     def _check_resume_config(self, path: Path) -> None:
         saved = yaml.safe_load(path.read_text())
