@@ -227,7 +227,9 @@ def merge_reports(reports: dict[str, dict[str, Any]], demo_info: dict[str, Any],
     for folder, rep in reports.items():
         if rep["tasks"] != base["tasks"] or rep["held_out"] != base["held_out"]:
             raise RuntimeError(f"sub-run {folder} evaluated other tasks than moe-adapters")
-        merged["methods"].update(rep["methods"])
+        for name, modes in rep["methods"].items():  # every report has a zero-shot row: the zero-shot run's wins
+            if name != "zero-shot" or folder == "zero-shot" or name not in merged["methods"]:
+                merged["methods"][name] = modes
         merged["runs"][folder] = {k: rep.get(k) for k in ("wall_time_s", "trainable_parameters", "ddas", "frozen",
                                                           "skipped_steps", "peak_memory_bytes")}
         merged["runs"][folder]["methods"] = sorted(rep["methods"])
@@ -261,7 +263,7 @@ def _ddas_text(report: dict[str, Any]) -> str:
 
 
 def print_results(report: dict[str, Any]) -> None:
-    from .evaluation.report import entry_tables, summary_table
+    from .evaluation.report import entry_tables, summary_text
     held = report.get("held_out") or []
     for method, mode in HEADLINE:
         entry = report["methods"].get(method, {}).get(mode)
@@ -277,7 +279,7 @@ def print_results(report: dict[str, Any]) -> None:
         _say("\n" + text)
     _say("\n=== Summary (Transfer / Avg / Last over the learned tasks; held-out = "
          f"{', '.join(held)}, never trained on; oracle = task id given, agnostic = DDAS routes) ===")
-    _say(summary_table(report))
+    _say(summary_text(report))
 
 
 def _run_method(k: int, folder: str, overrides: list[str], base: list[str], out: Path, seq,

@@ -100,10 +100,12 @@ def _evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
 
 def clip_benchmark_records(loaded: LoadedRun, results: dict[str, Any]):
     """(file stem, record) per mode and dataset, in CLIP_benchmark's result layout (acc1 as a fraction)."""
+    from .report import clip_benchmark_model, clip_benchmark_pretrained
     method = METHOD_NAMES.get(loaded.method, loaded.method)
     for mode, entry in results["modes"].items():
         for name in results["columns"]:
-            record = {"dataset": name, "model": loaded.cfg.model.name, "pretrained": loaded.cfg.model.pretrained,
+            record = {"dataset": name, "model": clip_benchmark_model(loaded.cfg.model.name, method, mode),
+                      "pretrained": clip_benchmark_pretrained(loaded.cfg.model.model_dump()),
                       "task": "zeroshot_classification", "metrics": {"acc1": entry["accuracy"][name] / 100.0},
                       "language": "en",
                       "moecl": {"method": method, "mode": mode, "after_task": loaded.num_trained_tasks,
@@ -185,10 +187,10 @@ def run_eval(args) -> int:
 
 
 def run_report(args) -> int:
-    from .report import CLIP_BENCHMARK_DIR, PLOTS_DIR, REPORT_JSON, REPORT_MD, regenerate, summary_table
+    from .report import CLIP_BENCHMARK_DIR, PLOTS_DIR, REPORT_JSON, REPORT_MD, regenerate, summary_text
     run = Path(args.run)
     report = regenerate(run)
-    print(summary_table(report))
+    print(summary_text(report))
     files = [run / REPORT_JSON, run / REPORT_MD]
     files += sorted((run / PLOTS_DIR).glob("*.png")) if (run / PLOTS_DIR).is_dir() else []
     bench = sorted((run / CLIP_BENCHMARK_DIR).glob("*.json")) if (run / CLIP_BENCHMARK_DIR).is_dir() else []

@@ -32,6 +32,12 @@ PLOTS_DIR = "plots"
 CLIP_BENCHMARK_DIR = "clip_benchmark"
 MODES = ("oracle", "agnostic")
 SUMMARY_KEYS = ("transfer", "avg", "last")
+ROUTING_WARN_BELOW = 90.0  # % of test images on their own route under which a report calls DDAS routing weak
+METRICS_DOC = "docs/metrics.md"
+LEGEND = ("Transfer: accuracy on tasks not yet learned (zero-shot kept); Avg: mean of the whole accuracy matrix; "
+          "Last: mean accuracy after the last task; BWT: last minus just-learned accuracy per task (< 0 = "
+          "forgotten); Forgetting: best-ever minus last accuracy per task (> 0 = lost). oracle = task id given, "
+          "agnostic = DDAS picks the route; zero-shot = the untouched backbone. Definitions: " + METRICS_DOC)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,6 +64,33 @@ def column_names(tasks: Sequence[str], held_out: Sequence[str], num_columns: int
     if num_columns == len(tasks):
         return tasks, len(tasks)
     return [str(j) for j in range(num_columns)], num_columns
+
+
+def routing_accuracy(confusion: Sequence[Sequence[int]], num_tasks: int, trained: Optional[int] = None
+                     ) -> Optional[float]:
+    """% of test images that took their own route: test set j < ``trained`` to task j, every other set
+    (not yet learned, held out) to zero-shot (the last column). None when there are no images."""
+    trained = num_tasks if trained is None else trained
+    right = total = 0
+    for j, row in enumerate(confusion):
+        own = j if j < trained else len(row) - 1
+        right, total = right + int(row[own]), total + int(sum(row))
+    return 100.0 * right / total if total else None
+
+
+def weak_routing_notes(report: dict[str, Any]) -> list[str]:
+    """One line per agnostic entry whose routing after its last row is below :data:`ROUTING_WARN_BELOW`."""
+    notes = []
+    for method, mode, entry in _entries(report):
+        conf = entry.get("routing_confusion")
+        if mode == "oracle" or not conf or entry.get("kind") != "mtil":
+            continue
+        acc = routing_accuracy(conf, len(report.get("tasks", [])), trained=len(entry["matrix"]))
+        if acc is not None and acc < ROUTING_WARN_BELOW:
+            notes.append(f"{method} ({mode}): only {acc:.1f}% of test images took their own route (below "
+                         f"{ROUTING_WARN_BELOW:.0f}%). DDAS tells domains apart, not classes cut from one domain: "
+                         f"read this row with care; see {METRICS_DOC}, 'Routing'.")
+    return notes
 
 
 def build_method_entry(matrix: Any, mode_kind: str = "mtil", routing_confusion: Any = None,
@@ -145,7 +178,8 @@ def format_table(rows: Sequence[Sequence[Any]], row_names: Optional[Sequence[str
 
 
 def _entries(report: dict[str, Any]):
-    for method, modes in report.get("methods", {}).items():
+    methods = report.get("methods", {})
+    for method, modes in sorted(methods.items(), key=lambda kv: kv[0] != "zero-shot"):
         for mode in sorted(modes, key=lambda m: (MODES.index(m) if m in MODES else len(MODES), m)):
             yield method, mode, modes[mode]
 
@@ -211,9 +245,17 @@ def _fmt_number(value: Any, unit: str = "") -> str:
     return f"{value:,.3f}{unit}" if isinstance(value, float) else f"{value:,}{unit}"
 
 
+def summary_text(report: dict[str, Any]) -> str:
+    """The console summary: the table, its legend, and any weak-routing warning."""
+    lines = [summary_table(report), "", LEGEND]
+    lines += ["WARNING " + n for n in weak_routing_notes(report)]
+    return "\n".join(lines)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: summary, run facts, then per method and mode the matrix, paper table, routing, heatmaps."""
-    out = ["# moecl report", "", "## Summary", "", summary_table(report, markdown=True), ""]
+    out = ["# moecl report", "", "## Summary", "", summary_table(report, markdown=True), "", LEGEND, ""]
+    out += [f"**Weak routing.** {n}" for n in weak_routing_notes(report)] + ([""] if weak_routing_notes(report) else [])
     if report.get("held_out"):
         out += ["Columns marked * are held-out sets (never trained on); Transfer/Avg/Last exclude them.", ""]
     out += ["## Run", "", f"- tasks: {', '.join(report.get('tasks', [])) or '—'}",
@@ -281,11 +323,27 @@ def _clip_benchmark_records(report: dict[str, Any]):
         cols, _ = _entry_columns(report, entry)
         last_row = entry["matrix"][-1]
         for name, acc in zip(cols, last_row):
-            record = {"dataset": name, "model": model_cfg.get("name", method),
-                      "pretrained": model_cfg.get("pretrained"), "task": "zeroshot_classification",
+            record = {"dataset": name, "model": clip_benchmark_model(model_cfg.get("name", method), method, mode),
+                      "pretrained": clip_benchmark_pretrained(model_cfg), "task": "zeroshot_classification",
                       "metrics": {"acc1": acc / 100.0}, "language": "en",
                       "moecl": {"method": method, "mode": mode, "after_task": len(entry["matrix"])}}
             yield _stem(method, mode, name), record
+
+
+def clip_benchmark_model(model_name: str, method: str, mode: str) -> str:
+    """The ``model`` column of a CLIP_benchmark record: one distinct name per method and routing mode
+    (``clip_benchmark build`` keys its rows by model, pretrained and dataset)."""
+    return f"{model_name}+{method}" + ("" if method == "zero-shot" else f"-{mode}")
+
+
+def clip_benchmark_pretrained(model_cfg: dict[str, Any]) -> str:
+    """The ``pretrained`` column: a string always (``clip_benchmark build`` fails on null)."""
+    if model_cfg.get("pretrained"):
+        return str(model_cfg["pretrained"])
+    if model_cfg.get("init_checkpoint"):
+        value = str(model_cfg["init_checkpoint"])
+        return value if value in ("demo", "demo-quick") else Path(value).name
+    return "random-init"
 
 
 def _check(report: dict[str, Any]) -> None:

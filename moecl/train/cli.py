@@ -7,7 +7,7 @@ def run_train(args) -> int:
     report = train(args.cfg, args.out, args.resume)
     from ..runtime import init_distributed
     if init_distributed(args.cfg.runtime.device).is_main:
-        from ..evaluation.report import summary_table
-        print(summary_table(report))
+        from ..evaluation.report import summary_text
+        print(summary_text(report))
         print(f"run folder: {args.out}")
     return 0
