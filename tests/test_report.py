@@ -86,7 +86,10 @@ def test_write_report_files_and_numbers(tmp_path):
 
     bench = json.loads((tmp_path / "clip_benchmark/moe-adapters__oracle__DTD.json").read_text())
     assert bench["dataset"] == "DTD" and bench["task"] == "zeroshot_classification"
-    assert bench["model"] == "moecl-tiny" and bench["metrics"]["acc1"] == pytest.approx(0.95)
+    assert bench["model"] == "moecl-tiny+moe-adapters-oracle" and bench["metrics"]["acc1"] == pytest.approx(0.95)
+    agnostic = json.loads((tmp_path / "clip_benchmark/moe-adapters__agnostic__DTD.json").read_text())
+    assert agnostic["model"] != bench["model"], "oracle and agnostic rows need distinct names in clip_benchmark build"
+    assert isinstance(bench["pretrained"], str), "clip_benchmark build fails on a null pretrained"
 
 
 def test_pngs_are_images(tmp_path):
