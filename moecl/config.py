@@ -135,7 +135,7 @@ class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = GPU when present")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     log_every: int = Field(10, ge=1, description="TensorBoard scalar interval in steps")
-    progress: bool = Field(True, description="progress bars on rank 0")
+    progress: bool = Field(True, description="progress bars on rank 0 (when its stderr is a terminal)")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads per process")
 
 

@@ -311,7 +311,8 @@ class ContinualTrainer:
         return sum(self.iterations(i) for i in range(t)) + self.progress.step
 
     def _bar(self, name: str, total: int):
-        if not (self.is_main and self.cfg.runtime.progress):
+        import sys
+        if not (self.is_main and self.cfg.runtime.progress and sys.stderr.isatty()):  # bars for people, not logs
             return None
         from tqdm import tqdm
         return tqdm(total=total, initial=self.progress.step, desc=f"task {name}", unit="step", dynamic_ncols=True)
