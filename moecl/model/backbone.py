@@ -117,8 +117,8 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     kwargs = {}
     if cfg.cache_dir:
         kwargs["cache_dir"] = cfg.cache_dir
-    if source is None:
-        with _no_random_init_notice(init is not None):
+    if source is None:  # no open_clip notice: the trainer says once, in its own words, when nothing is loaded
+        with _no_random_init_notice(True):
             model = open_clip.create_model(cfg.name, pretrained=None, **kwargs)
     elif source.endswith(WEIGHT_SUFFIXES) or os.sep in source or Path(source).exists():
         path = Path(source).expanduser()

@@ -138,7 +138,7 @@ class ContinualTrainer:
             handler = logging.FileHandler(self.run_dir / "train.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(handler)
-            log.setLevel(logging.INFO)
+            log.setLevel(logging.DEBUG)  # DEBUG lines (resources, DeepSpeed set-up) go to train.log only
         self._barrier()
 
     def _prepare_backbone_weights(self) -> None:
@@ -203,7 +203,7 @@ class ContinualTrainer:
             self._save(task_end=True)
             self._write_report()
             if self.is_main:
-                log.info("task %d done: %s", t, json.dumps(self.progress.resources[-1]))
+                log.debug("task %d done: %s", t + 1, json.dumps(self.progress.resources[-1]))
             maybe_kill("between", t, None, self.info.rank)
             if self.method == "moe-adapters":
                 self.model.reset_counts()
@@ -331,7 +331,7 @@ class ContinualTrainer:
             total = sum(len(v) for v in self.model.frozen_experts().values())
             self.writer.add_scalar("experts/frozen_total", total, t)
             self.writer.add_text("experts/frozen", json.dumps(self.model.frozen_experts()), t)
-            log.info("task %d: froze %s; %d experts frozen in all", t, json.dumps(newly), total)
+            log.info("task %d: froze %s; %d experts frozen in all", t + 1, json.dumps(newly), total)
 
     @torch.no_grad()
     def _image_features(self, task, split: str, limit: int) -> torch.Tensor:
@@ -362,7 +362,7 @@ class ContinualTrainer:
         info = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
         self.progress.ddas.append(info)
         if self.is_main:
-            log.info("task %d: DDAS autoencoder on %d images, threshold %.5f", t, len(feats), threshold)
+            log.info("task %d: DDAS autoencoder on %d images, threshold %.5f", t + 1, len(feats), threshold)
             self.writer.add_scalar("ddas/threshold", threshold, t)
 
     def _evaluator(self) -> Evaluator:
@@ -532,7 +532,8 @@ class ContinualTrainer:
                                                     json.loads((path / "ddas.json").read_text()))
         self._resume_path = path if not state["task_end"] else None
         if self.is_main:
-            log.info("resumed from %s (task %d, step %d)", path, self.progress.task, self.progress.step)
+            log.info("resumed from %s (%d task(s) done, step %d of the next)", path, self.progress.task,
+                     self.progress.step)
 
     def _load_optimizer(self, optimizer) -> None:
         """Mid-task resume: optimizer state, then the RNG exactly as it was when the checkpoint was taken."""
