@@ -255,6 +255,8 @@ def summary_text(report: dict[str, Any]) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: summary, run facts, then per method and mode the matrix, paper table, routing, heatmaps."""
     out = ["# moecl report", "", "## Summary", "", summary_table(report, markdown=True), "", LEGEND, ""]
+    if _summary_series(report):
+        out += [f"![methods compared]({PLOTS_DIR}/summary.png)", ""]
     out += [f"**Weak routing.** {n}" for n in weak_routing_notes(report)] + ([""] if weak_routing_notes(report) else [])
     if report.get("held_out"):
         out += ["Columns marked * are held-out sets (never trained on); Transfer/Avg/Last exclude them.", ""]
@@ -272,7 +274,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         stem = _stem(method, mode)
         out += [f"## {method} — {mode}", "", entry_tables(report, entry, markdown=True), "",
                 f"![accuracy {method} {mode}]({PLOTS_DIR}/accuracy__{stem}.png)", ""]
-        if entry.get("routing_confusion") is not None:
+        if entry.get("routing_confusion") is not None and mode != "oracle":
             out += [f"### Routing ({mode})", "", _routing_table(report, entry, markdown=True), "",
                     f"![routing {method} {mode}]({PLOTS_DIR}/routing__{stem}.png)", ""]
     return "\n".join(out)
@@ -294,25 +296,82 @@ def _atomic_write(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def figures(report: dict[str, Any]):
-    """(file stem, tag, Figure) for every heatmap of the report."""
+def _figure_specs(report: dict[str, Any]):
+    """(file stem, tensorboard tag, plotting function, its arguments) for every figure of the report: the
+    methods side by side, then each entry's accuracy heatmap and, for agnostic modes, its routing heatmap
+    (oracle routing is the identity by construction: no figure)."""
+    rows = _summary_series(report)
+    if rows:
+        yield "summary", "summary", plots.summary_figure, (rows, "methods compared")
     for method, mode, entry in _entries(report):
         stem = _stem(method, mode)
         if entry["kind"] == "cil":
             steps = [f"step {s + 1}" for s in range(len(entry["accuracies"]))]
-            fig = plots.accuracy_heatmap([entry["accuracies"]], steps, f"{method} — {mode}", ["seen classes"])
+            args: tuple = ([entry["accuracies"]], steps, f"{method} — {mode}", ["seen classes"])
         else:
             cols, t = _entry_columns(report, entry)
             shown = [c + ("*" if j >= t else "") for j, c in enumerate(cols)]
-            fig = plots.accuracy_heatmap(entry["matrix"], shown, f"{method} — {mode}",
-                                         _row_labels(report, len(entry["matrix"])))
-        yield f"accuracy__{stem}", f"accuracy/{method}/{mode}", fig
+            args = (entry["matrix"], shown, f"{method} — {mode}", _row_labels(report, len(entry["matrix"])))
+        yield f"accuracy__{stem}", f"accuracy/{method}/{mode}", plots.accuracy_heatmap, args
         confusion = entry.get("routing_confusion")
-        if confusion is not None:
-            rows = column_names(report.get("tasks", []), report.get("held_out", []), len(confusion))[0]
-            fig = plots.routing_heatmap(confusion, rows, _route_labels(report, confusion),
-                                        f"routing: {method} — {mode}")
-            yield f"routing__{stem}", f"routing/{method}/{mode}", fig
+        if confusion is not None and mode != "oracle":
+            names = column_names(report.get("tasks", []), report.get("held_out", []), len(confusion))[0]
+            yield (f"routing__{stem}", f"routing/{method}/{mode}", plots.routing_heatmap,
+                   (confusion, names, _route_labels(report, confusion), f"routing: {method} — {mode}"))
+
+
+def _summary_series(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per method and mode: Transfer, Last and the mean accuracy on the tasks seen so far after each task."""
+    out = []
+    for method, mode, entry in _entries(report):
+        m = entry.get("metrics", {})
+        if entry["kind"] == "cil":
+            seen = list(entry["accuracies"])
+        else:
+            a = entry["matrix"]
+            seen = [float(np.mean(a[i][: i + 1])) for i in range(len(a))]
+        out.append({"name": f"{method} ({mode})", "transfer": m.get("transfer"), "last": m.get("last"),
+                    "seen": seen})
+    return out if len(out) > 1 else []
+
+
+def figures(report: dict[str, Any]):
+    """(file stem, tag, Figure) for every figure of the report."""
+    for stem, tag, draw, args in _figure_specs(report):
+        yield stem, tag, draw(*args)
+
+
+def _fingerprint(draw, args) -> str:
+    import hashlib
+    blob = json.dumps([draw.__name__, _plain(list(args)), PLOTS_VERSION], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+PLOTS_VERSION = 2  # bump when a figure's look changes: every PNG is drawn again
+PLOTS_INDEX = ".index.json"
+
+
+def write_plots(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
+    """PNGs under ``RUN/plots``; a figure whose inputs did not change since it was written is not drawn
+    again (``plots/.index.json`` keeps a fingerprint per file), so ``moecl report`` stays fast."""
+    folder = run_dir / PLOTS_DIR
+    index_path = folder / PLOTS_INDEX
+    try:
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        index = {}
+    written, fresh = {}, {}
+    for stem, _, draw, args in _figure_specs(report):
+        path = folder / f"{stem}.png"
+        key = _fingerprint(draw, args)
+        if index.get(stem) != key or not path.is_file():
+            plots.save_png(draw(*args), path)
+        written[stem], fresh[stem] = path, key
+    for stale in set(index) - set(fresh):  # figures this report no longer has
+        (folder / f"{stale}.png").unlink(missing_ok=True)
+    if fresh:
+        _atomic_write(index_path, json.dumps(fresh, indent=1) + "\n")
+    return written
 
 
 def _clip_benchmark_records(report: dict[str, Any]):
@@ -364,8 +423,7 @@ def write_report(run_dir: Path | str, report: dict[str, Any]) -> dict[str, Path]
     written["json"] = run_dir / REPORT_JSON
     _atomic_write(run_dir / REPORT_MD, render_markdown(report) + "\n")
     written["md"] = run_dir / REPORT_MD
-    for stem, _, fig in figures(report):
-        written[stem] = plots.save_png(fig, run_dir / PLOTS_DIR / f"{stem}.png")
+    written.update(write_plots(run_dir, report))
     bench = run_dir / CLIP_BENCHMARK_DIR
     for stem, record in _clip_benchmark_records(report):
         bench.mkdir(exist_ok=True)
