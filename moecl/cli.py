@@ -56,8 +56,11 @@ def _add_demo(sub) -> None:
                                    "a task sequence through the real stack and compare zero-shot, continual "
                                    "fine-tuning, the reference setting and moecl side by side. No download.")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--cache", default=None, help="cache folder for the world and the pretrained tiny CLIP")
-    p.add_argument("--quick", action="store_true", help="far fewer steps (a smoke test)")
+    p.add_argument("--cache", default=None,
+                   help="cache folder for the world and the pretrained tiny CLIP (default: $MOECL_CACHE, else "
+                        "$XDG_CACHE_HOME/moecl, else ~/.cache/moecl); model.init_checkpoint=demo reads it too")
+    p.add_argument("--quick", action="store_true",
+                   help="far fewer steps: a smoke test of the plumbing; the claims are printed but not judged")
 
 
 def _add_configs(sub) -> None:
