@@ -113,11 +113,26 @@ def _verify(sub) -> None:
     p.add_argument("--no-counts", action="store_true", help="checksums only")
 
 
+def _export(sub) -> None:
+    p = sub.add_parser("export", help="a task in another tool's layout (clip-benchmark: CLIP_benchmark's WebDataset)",
+                       description="Write a task's shards and metadata in CLIP_benchmark's WebDataset layout "
+                                   "(OUT/<split>/{0..N-1}.tar + nshards.txt, classnames.txt, "
+                                   "zeroshot_classification_templates.txt with {c}), to score a backbone with "
+                                   "clip_benchmark eval --dataset wds/NAME --dataset_root OUT. Shards are hard-linked "
+                                   "(or copied) and checked against task.json's sha256.")
+    p.add_argument("format", choices=("clip-benchmark",))
+    p.add_argument("task", help="task folder (DATA_ROOT/TASK, with task.json)")
+    p.add_argument("--out", required=True, help="output folder (the --dataset_root of clip_benchmark)")
+    p.add_argument("--splits", default=None, help="comma-separated splits (default: all the task has)")
+    p.add_argument("--templates", choices=("eval", "train"), default="eval",
+                   help="prompts: the task's evaluation ensemble (default) or its training template")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_tools",
                                      description="Turn datasets into WebDataset shards for moecl.")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    for add in (_folder, _mtil, _cil, _synthetic, _verify):
+    for add in (_folder, _mtil, _cil, _synthetic, _verify, _export):
         add(sub)
     return parser
 
@@ -171,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
                           pretrain_per_class=args.pretrain_per_class, seed=args.seed, held_out=args.held_out,
                           shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress)
         print(f"world ready in {out} (sequence: {Path(out) / 'sequence.yaml'})")
+    elif args.command == "export":
+        from .export import export_clip_benchmark
+        out = export_clip_benchmark(args.task, args.out, _csv(args.splits), templates=args.templates)
+        print(f"wrote {out} (clip_benchmark eval --dataset wds/{Path(args.task).name} --dataset_root {out} ...)")
     elif args.command == "verify":
         from .verify import verify
         problems = verify(args.root, _csv(args.tasks), counts=not args.no_counts)
