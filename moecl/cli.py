@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_configs(args) -> int:
-    from .config import config_description, shipped_configs
-    for name, path in shipped_configs().items():
-        print(f"{name:<22} {config_description(path)}")
+    import yaml  # not moecl.config: listing names and descriptions needs no validation (pydantic stays unloaded)
+    for path in sorted((Path(__file__).parent / "configs").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        print(f"{path.stem:<22} {data.get('description', '')}")
     return 0
 
 
