@@ -102,19 +102,23 @@ def resolve_init_checkpoint(value: Optional[str], model_name: str, *, build: boo
         from .config import ConfigError
         raise ConfigError(f"model.init_checkpoint={value} is the demo's pretrained {params.model}; set "
                           f"model.name={params.model} (model.name is {model_name!r})")
+    from .pretrain import cached_result
+    world = _world_dir(default_cache(), WORLD_QUICK if quick else WORLD)
+    try:
+        hit = cached_result(params, world, default_cache() / "pretrained")
+    except FileNotFoundError:  # no world yet
+        hit = None
     if not build:
-        from .pretrain import cached_result
-        world = _world_dir(default_cache(), WORLD_QUICK if quick else WORLD)
-        hit = cached_result(params, world, default_cache() / "pretrained") if (world / "world.json").is_file() \
-            else None
         if hit is None:
             from .config import ConfigError
             raise ConfigError(f"model.init_checkpoint={value}: the demo's pretrained tiny CLIP is not in the cache "
                               f"{default_cache()} ($MOECL_CACHE); build it with `moecl demo"
                               f"{' --quick' if quick else ''}` or start a `moecl train` that names it")
         return str(hit.weights)
-    log.info("model.init_checkpoint=%s: the demo's pretrained %s (cache %s; built once, a few minutes on a CPU)",
-             value, params.model, default_cache())
+    if hit is not None:
+        return str(hit.weights)
+    log.info("model.init_checkpoint=%s: building the demo's pretrained %s into the cache %s (once; a few minutes "
+             "on a CPU)", value, params.model, default_cache())
     return str(demo_backbone(quick=quick, progress=progress)[1].weights)
 
 

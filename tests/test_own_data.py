@@ -6,7 +6,10 @@ evaluated, and used to predict: the same commands the README gives, run through 
 points in this process. The demo's pretraining is shrunk (a smaller world and fewer steps, in a private
 cache) so the test takes a minute or two, not the demo's minutes.
 """
+import contextlib
+import io
 import json
+import re
 
 import pytest
 
@@ -45,17 +48,19 @@ def own_data(tmp_path_factory):
     # 1. one folder -> two class-incremental tasks + the sequence file
     assert data_tools_main(["folder", str(src), "--out", str(data), "--task", "patches", "--classnames", str(names),
                             "--tasks", "2", "--no-progress"]) == 0
-    # 2. train from the demo's pretrained tiny CLIP
-    assert moecl_main(["train", "--config", "demo", "--out", str(run), f"data.root={data}",
-                       f"data.sequence={data / 'patches.yaml'}", "model.init_checkpoint=demo",
-                       "train.iterations=12", "train.warmup=2", "data.batch_size=16", "data.workers=0",
-                       "data.shuffle_buffer=32", "ddas.iterations=30", "runtime.progress=false"]) == 0
+    # 2. train from the demo's pretrained tiny CLIP (the console as a person sees it is kept)
+    console = io.StringIO()
+    with contextlib.redirect_stderr(console), contextlib.redirect_stdout(console):
+        assert moecl_main(["train", "--config", "demo", "--out", str(run), f"data.root={data}",
+                           f"data.sequence={data / 'patches.yaml'}", "model.init_checkpoint=demo",
+                           "train.iterations=12", "train.warmup=2", "data.batch_size=16", "data.workers=0",
+                           "data.shuffle_buffer=32", "ddas.iterations=30", "runtime.progress=false"]) == 0
     # 3. evaluate again from the checkpoint; 4. regenerate the report; 5. predict
     assert moecl_main(["eval", str(run)]) == 0
     assert moecl_main(["report", str(run)]) == 0
     assert moecl_main(["predict", str(run), "--images", str(src / "test"), "--labels", "all-seen",
                        "--json", str(base / "pred.json")]) == 0
-    yield {"base": base, "src": src, "data": data, "run": run}
+    yield {"base": base, "src": src, "data": data, "run": run, "console": console.getvalue()}
     mp.undo()
 
 
@@ -93,3 +98,18 @@ def test_eval_reproduces_and_predict_scores_all_seen_classes(own_data):
     assert all(len(p["top"]) == 5 for p in preds)
     right = sum(p["top"][0]["label"] == COLOR_CLASSES[int(p["image"].split("/")[-2])] for p in preds)
     assert right / len(preds) > 2.5 / len(COLOR_CLASSES), f"{right}/{len(preds)} right over 8 classes"
+
+
+def test_the_console_is_readable(own_data):
+    text = own_data["console"]
+    lines = [line for line in text.splitlines() if line.strip()]
+    timed = [line for line in lines if re.match(r"\d\d:\d\d:\d\d ", line)]
+    assert any("task 1/2 patches-01:" in line for line in timed) and any("task 2/2 patches-02:" in line for line in timed)
+    assert any(re.search(r"after task 2/2 \(patches-02\) \[oracle\]: patches-01 [\d.]+, patches-02 [\d.]+", line)
+               for line in timed)
+    for noise in ("No pretrained weights loaded", "No existing process group", "INFO:", "rss_bytes",
+                  "randomly initialised", "task 0"):
+        assert noise not in text, noise
+    assert "Definitions: docs/metrics.md" in text and "zero-shot (oracle)" in text
+    log = (own_data["run"] / "train.log").read_text()
+    assert "rss_bytes" in log and "DEBUG" in log  # debug lines go to the log file only

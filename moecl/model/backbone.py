@@ -87,7 +87,7 @@ class _DropRandomInitNotice(logging.Filter):
 
 
 @contextlib.contextmanager
-def _no_random_init_notice(active: bool):
+def quiet_random_init_notice(active: bool):
     root, notice = logging.getLogger(), _DropRandomInitNotice()
     if active:
         root.addFilter(notice)
@@ -118,7 +118,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     if cfg.cache_dir:
         kwargs["cache_dir"] = cfg.cache_dir
     if source is None:  # no open_clip notice: the trainer says once, in its own words, when nothing is loaded
-        with _no_random_init_notice(True):
+        with quiet_random_init_notice(True):
             model = open_clip.create_model(cfg.name, pretrained=None, **kwargs)
     elif source.endswith(WEIGHT_SUFFIXES) or os.sep in source or Path(source).exists():
         path = Path(source).expanduser()
