@@ -215,15 +215,18 @@ def class_order(names: list[str], order: Optional[list[str]] = None, seed: Optio
         raise DataError("--class-order and --class-seed exclude each other: give one")
     if order is not None:
         lookup = {n: i for i, n in enumerate(names)}
+        for i, n in enumerate(names):  # a folder name as written (maple_tree) names the class maple tree too
+            lookup.setdefault(n.replace(" ", "_"), i)
         bad = [o for o in order if o not in lookup]
         if bad:
             raise DataError(f"--class-order: {', '.join(bad[:5])} are not classes of this source "
                             f"(classes: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
         out = [lookup[o] for o in order]
         if sorted(out) != list(range(len(names))):
-            missing = [n for n in names if n not in order]
+            missing = [n for i, n in enumerate(names) if i not in out]
+            repeated = sorted({names[i] for i in out if out.count(i) > 1})
             raise DataError(f"--class-order must list every class once; missing: {', '.join(missing[:5]) or '-'}"
-                            f"{'; repeated: ' + ', '.join(sorted({o for o in order if order.count(o) > 1})) if len(order) != len(set(order)) else ''}")
+                            + (f"; repeated: {', '.join(repeated)}" if repeated else ""))
         return out
     if seed is not None:
         import torch
