@@ -19,6 +19,7 @@ from moecl.cli import main as moecl_main
 from moecl.pretrain import PretrainParams
 
 PER_CLASS = {"train": 12, "test": 8}
+pytestmark = pytest.mark.slow  # pretraining + a 2-task run + eval + predict: about 40 s of CPU
 
 
 def _image_folder(root):
