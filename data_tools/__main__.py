@@ -13,14 +13,29 @@ LAYOUT = ("Output: ROOT/<task>/<split>-NNNNNN.tar (image + .cls + .json per samp
 
 def _folder(sub) -> None:
     from .common import add_write_args
-    p = sub.add_parser("folder", help="a class-per-subfolder tree or a CSV/JSONL manifest into one task",
+    p = sub.add_parser("folder", help="a class-per-subfolder tree or a CSV/JSONL manifest into one task "
+                                      "(or, with --tasks N, into N class-incremental tasks)",
                        description="Convert SRC/<class>/* (or SRC/<split>/<class>/*, or a CSV/JSONL manifest with "
-                                   "path,label[,split]) into the shards of one task. " + LAYOUT)
+                                   "path,label[,split]) into the shards of one task; with --tasks N, cut its classes "
+                                   "into N class-incremental tasks TASK-01..TASK-N and write the sequence file "
+                                   "OUT/TASK.yaml (kind: cil) to train them: moecl train ... data.root=OUT "
+                                   "data.sequence=OUT/TASK.yaml. Folder names / labels are the class names; integer "
+                                   "labels need --classnames. " + LAYOUT)
     p.add_argument("src", help="image tree or manifest file (.csv / .jsonl)")
     p.add_argument("--out", required=True, help="data root; the task goes to OUT/TASK")
     p.add_argument("--task", default=None, help="task name (default: the source's name)")
     p.add_argument("--split", default="train", help="split name of a tree without split folders (default train)")
-    p.add_argument("--classnames", default=None, help="class names in label order: a file (one per line) or a,b,c")
+    p.add_argument("--classnames", default=None,
+                   help="name the classes: a mapping LABEL=NAME (4=four,5=five, or a file of two columns "
+                        "'LABEL NAME'), or names by position (a,b,c or a file with one per line: integer label 0 is "
+                        "the first name)")
+    p.add_argument("--tasks", type=int, default=None,
+                   help="cut the classes into N class-incremental tasks (sizes differ by at most one) and write "
+                        "OUT/TASK.yaml")
+    p.add_argument("--class-order", default=None,
+                   help="with --tasks: the class order, comma-separated names (default: sorted labels)")
+    p.add_argument("--class-seed", type=int, default=None,
+                   help="with --tasks: a seeded random class order (torch.randperm, as Avalanche's nc_benchmark)")
     p.add_argument("--template", default="a photo of a {}.", help="training prompt template ('{}' = class)")
     p.add_argument("--eval-template", action="append", default=None,
                    help="an evaluation template (repeat for an ensemble; default: the training template)")
@@ -98,11 +113,26 @@ def _verify(sub) -> None:
     p.add_argument("--no-counts", action="store_true", help="checksums only")
 
 
+def _export(sub) -> None:
+    p = sub.add_parser("export", help="a task in another tool's layout (clip-benchmark: CLIP_benchmark's WebDataset)",
+                       description="Write a task's shards and metadata in CLIP_benchmark's WebDataset layout "
+                                   "(OUT/<split>/{0..N-1}.tar + nshards.txt, classnames.txt, "
+                                   "zeroshot_classification_templates.txt with {c}), to score a backbone with "
+                                   "clip_benchmark eval --dataset wds/NAME --dataset_root OUT. Shards are hard-linked "
+                                   "(or copied) and checked against task.json's sha256.")
+    p.add_argument("format", choices=("clip-benchmark",))
+    p.add_argument("task", help="task folder (DATA_ROOT/TASK, with task.json)")
+    p.add_argument("--out", required=True, help="output folder (the --dataset_root of clip_benchmark)")
+    p.add_argument("--splits", default=None, help="comma-separated splits (default: all the task has)")
+    p.add_argument("--templates", choices=("eval", "train"), default="eval",
+                   help="prompts: the task's evaluation ensemble (default) or its training template")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_tools",
                                      description="Turn datasets into WebDataset shards for moecl.")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    for add in (_folder, _mtil, _cil, _synthetic, _verify):
+    for add in (_folder, _mtil, _cil, _synthetic, _verify, _export):
         add(sub)
     return parser
 
@@ -113,7 +143,21 @@ def _csv(value):
 
 def run(args: argparse.Namespace) -> int:
     from .common import write_options
-    if args.command == "folder":
+    if args.command == "folder" and (args.tasks is not None or args.class_order or args.class_seed is not None):
+        from .folder import convert_class_split, read_classnames_arg
+        if args.tasks is None:
+            raise ValueError("--class-order / --class-seed need --tasks N")
+        folders, seq = convert_class_split(
+            args.src, args.out, tasks=args.tasks, name=args.task, split=args.split,
+            classnames=read_classnames_arg(args.classnames), order=_csv(args.class_order),
+            order_seed=args.class_seed, template=args.template, eval_templates=args.eval_template,
+            test_fraction=args.test_fraction, seed=args.seed, keep_underscores=args.keep_underscores,
+            opts=write_options(args), build="python -m data_tools " + " ".join(getattr(args, "argv", None) or []))
+        for path in folders:
+            print(f"wrote {path}")
+        print(f"wrote {seq} (train it: moecl train --config demo --out RUN data.root={args.out} data.sequence={seq} "
+              "model.init_checkpoint=demo)")
+    elif args.command == "folder":
         from .folder import convert_folder, read_classnames_arg
         path = convert_folder(args.src, args.out, task=args.task, split=args.split,
                               classnames=read_classnames_arg(args.classnames), template=args.template,
@@ -142,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
                           pretrain_per_class=args.pretrain_per_class, seed=args.seed, held_out=args.held_out,
                           shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress)
         print(f"world ready in {out} (sequence: {Path(out) / 'sequence.yaml'})")
+    elif args.command == "export":
+        from .export import export_clip_benchmark
+        out = export_clip_benchmark(args.task, args.out, _csv(args.splits), templates=args.templates)
+        print(f"wrote {out} (clip_benchmark eval --dataset wds/{Path(args.task).name} --dataset_root {out} ...)")
     elif args.command == "verify":
         from .verify import verify
         problems = verify(args.root, _csv(args.tasks), counts=not args.no_counts)
@@ -157,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     if not args.command:
         parser.print_help()
         return 1

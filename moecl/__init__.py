@@ -1,25 +1,21 @@
-"""moecl: continual learning of CLIP with Mixture-of-Experts adapters, scaled with DeepSpeed."""
-from .runtime import configure_accelerator_env as _configure_accelerator_env
+"""moecl: continual learning of CLIP with Mixture-of-Experts adapters, scaled with DeepSpeed.
 
-_configure_accelerator_env()  # must precede any DeepSpeed import
-
-from .backbones import register_backbones as _register_backbones  # noqa: E402
-from .config import Config, ConfigError, ModelConfig, load_config  # noqa: E402
-
-_register_backbones()
-
+``import moecl`` imports nothing heavy (no torch, DeepSpeed, open_clip, not even pydantic) so that
+``moecl --help``, ``moecl configs`` and ``moecl report`` start fast; names below load on first use.
+:mod:`moecl.model` sets DeepSpeed's accelerator and registers the tiny backbones with open_clip.
+"""
 __version__ = "0.1.0"
+
+_LAZY = {"Config": "config", "ConfigError": "config", "ModelConfig": "config", "load_config": "config",
+         "build_model": "model", "MoECLIP": "model",
+         "load_run": "evaluation.loading"}  # load_run: a trained (or imported) run, ready to evaluate
 
 
 def __getattr__(name: str):
-    # Lazy: the model pulls in DeepSpeed, which `moecl --help` and config tools do not need.
-    if name in ("build_model", "MoECLIP"):
-        from . import model
-        return getattr(model, name)
-    if name == "load_run":  # a trained (or imported) run, ready to evaluate: see moecl.evaluation.loading
-        from .evaluation.loading import load_run
-        return load_run
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)
 
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "build_model", "MoECLIP", "load_run", "__version__"]
+__all__ = [*_LAZY, "__version__"]

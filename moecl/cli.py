@@ -47,7 +47,8 @@ def _add_predict(sub) -> None:
                                    "labels with probabilities.")
     p.add_argument("run", help="run folder")
     p.add_argument("--images", nargs="+", required=True, help="image files or folders")
-    p.add_argument("--labels", default=None, help="comma-separated label names (open vocabulary)")
+    p.add_argument("--labels", default=None, help="comma-separated label names (open vocabulary), or all-seen: "
+                                                 "every class of every learned task")
     p.add_argument("--task", default=None, help="use this task's class names as labels")
     p.add_argument("--json", default=None, help="also write results to this JSON file")
     p.add_argument("--csv", default=None, help="also write results to this CSV file")
@@ -60,8 +61,11 @@ def _add_demo(sub) -> None:
                                    "a task sequence through the real stack and compare zero-shot, continual "
                                    "fine-tuning, the reference setting and moecl side by side. No download.")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--cache", default=None, help="cache folder for the world and the pretrained tiny CLIP")
-    p.add_argument("--quick", action="store_true", help="far fewer steps (a smoke test)")
+    p.add_argument("--cache", default=None,
+                   help="cache folder for the world and the pretrained tiny CLIP (default: $MOECL_CACHE, else "
+                        "$XDG_CACHE_HOME/moecl, else ~/.cache/moecl); model.init_checkpoint=demo reads it too")
+    p.add_argument("--quick", action="store_true",
+                   help="far fewer steps: a smoke test of the plumbing; the claims are printed but not judged")
 
 
 def _add_import_reference(sub) -> None:
@@ -95,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_configs(args) -> int:
-    from .config import config_description, shipped_configs
-    for name, path in shipped_configs().items():
-        print(f"{name:<22} {config_description(path)}")
+    import yaml  # not moecl.config: listing names and descriptions needs no validation (pydantic stays unloaded)
+    for path in sorted((Path(__file__).parent / "configs").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        print(f"{path.stem:<22} {data.get('description', '')}")
     return 0
 
 

@@ -42,7 +42,8 @@ class ModelConfig(_Section):
         None, description="open_clip pretrained tag, a local .pt/.bin/.safetensors file, or hf-hub:ORG/NAME")
     cache_dir: Optional[str] = Field(None, description="where open_clip looks for tag/hf-hub weights (offline)")
     init_checkpoint: Optional[str] = Field(
-        None, description="a full-model safetensors file to start from (e.g. the demo's pretrained tiny CLIP)")
+        None, description="a full-model safetensors file to start from, or demo: the demo's pretrained moecl-tiny "
+                          "(built into the cache on first use)")
     grad_checkpointing: bool = Field(False, description="recompute backbone activations in backward")
 
 
@@ -185,7 +186,7 @@ class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = GPU when present")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     log_every: int = Field(10, ge=1, description="TensorBoard scalar interval in steps")
-    progress: bool = Field(True, description="progress bars on rank 0")
+    progress: bool = Field(True, description="progress bars on rank 0 (when its stderr is a terminal)")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads per process")
 
 

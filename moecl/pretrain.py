@@ -155,7 +155,9 @@ def pretrain_clip(world: str | Path, cache_dir: str | Path, params: Optional[Pre
     if threads:
         torch.set_num_threads(threads)
     _seed_all(params.seed)
-    model = open_clip.create_model(params.model, pretrained=None)
+    from .model.backbone import quiet_random_init_notice
+    with quiet_random_init_notice(True):  # random on purpose: this is what pretraining starts from
+        model = open_clip.create_model(params.model, pretrained=None)
     with torch.no_grad():
         model.logit_scale.fill_(params.init_logit_scale)
     model.to(dev).train()

@@ -125,7 +125,7 @@ def test_synthetic_world_is_cached_and_deterministic(tmp_path):
     assert params["complete"] and params["params"]["train_per_class"] == 3
 
 
-@pytest.mark.parametrize("sub", ["folder", "mtil", "cil", "synthetic", "verify"])
+@pytest.mark.parametrize("sub", ["folder", "mtil", "cil", "synthetic", "verify", "export"])
 def test_every_subcommand_has_help(sub, capsys):
     with pytest.raises(SystemExit) as e:
         main([sub, "--help"])

@@ -86,7 +86,10 @@ def test_write_report_files_and_numbers(tmp_path):
 
     bench = json.loads((tmp_path / "clip_benchmark/moe-adapters__oracle__DTD.json").read_text())
     assert bench["dataset"] == "DTD" and bench["task"] == "zeroshot_classification"
-    assert bench["model"] == "moecl-tiny" and bench["metrics"]["acc1"] == pytest.approx(0.95)
+    assert bench["model"] == "moecl-tiny+moe-adapters-oracle" and bench["metrics"]["acc1"] == pytest.approx(0.95)
+    agnostic = json.loads((tmp_path / "clip_benchmark/moe-adapters__agnostic__DTD.json").read_text())
+    assert agnostic["model"] != bench["model"], "oracle and agnostic rows need distinct names in clip_benchmark build"
+    assert isinstance(bench["pretrained"], str), "clip_benchmark build fails on a null pretrained"
 
 
 def test_pngs_are_images(tmp_path):
@@ -163,12 +166,29 @@ class _FakeWriter:
         self.texts[tag] = text
 
 
+def test_plots_summary_figure_no_trivial_routing_and_no_redraw(tmp_path):
+    report = _report()
+    report["methods"]["moe-adapters"]["oracle"]["routing_confusion"] = [[2, 0, 0, 0]] * 4  # identity by design
+    write_report(tmp_path, report)
+    pngs = {p.name for p in (tmp_path / "plots").glob("*.png")}
+    assert "summary.png" in pngs and "routing__moe-adapters__oracle.png" not in pngs
+    assert "plots/summary.png" in (tmp_path / "report.md").read_text()
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "plots").glob("*.png")}
+    write_report(tmp_path, report)  # same numbers: nothing drawn again
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "plots").glob("*.png")}
+    report["methods"]["full-ft"]["oracle"]["matrix"][0][0] -= 1.0
+    write_report(tmp_path, report)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "plots").glob("*.png")}
+    changed = {n for n in after if after[n] != stamps[n]}
+    assert changed == {"accuracy__full-ft__oracle.png", "summary.png"}, changed  # only the figures of that entry
+
+
 def test_log_to_tensorboard(tmp_path):
     w = _FakeWriter()
     log_to_tensorboard(w, _report(), step=2)
     assert w.scalars["metrics/moe-adapters/oracle/transfer"] == pytest.approx(42.5)
     assert w.scalars["metrics/full-ft/oracle/last"] == pytest.approx(151 / 3)
-    assert set(w.images) == {"accuracy/moe-adapters/oracle", "accuracy/moe-adapters/agnostic",
+    assert set(w.images) == {"summary", "accuracy/moe-adapters/oracle", "accuracy/moe-adapters/agnostic",
                              "routing/moe-adapters/agnostic", "accuracy/full-ft/oracle"}
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(str(tmp_path / "tb")) as writer:

@@ -35,6 +35,13 @@ class _NoAliasLoader(yaml.SafeLoader):
                                  f"({event.start_mark})")
         return super().compose_node(parent, index)
 
+FIELDS = {"name": "the sequence's name (a string)",
+          "kind": "mtil (each task scored on its own classes) or cil (class-incremental); default mtil",
+          "description": "free text (optional)",
+          "tasks": "task folder names under data.root, in training order (a non-empty list)",
+          "held_out": "task folder names only ever evaluated zero-shot (optional list)",
+          "build": "the command that builds the data; {root} stands for data.root (optional)"}
+
 
 @dataclass
 class Sequence:
@@ -78,7 +85,8 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise DataError(f"sequence file {path} is not readable YAML: {e}") from None
     if not isinstance(data, dict):
-        raise DataError(f"sequence file {path} must be a mapping with 'name', 'kind' and 'tasks'")
+        raise DataError(f"sequence file {path} must be a mapping with fields 'name', 'tasks' and optionally "
+                        "'kind', 'held_out', 'build', 'description'")
     return data
 
 
@@ -118,22 +126,41 @@ def _missing_task_message(task: str, task_dir: Path, seq_name: str, build: Optio
             f"build it with: {how}")
 
 
+def check_sequence_fields(data: dict, path: Path | str) -> None:
+    """Every field of a sequence file, checked; each error names the file, the field and what it takes."""
+    def bad(key: str, got) -> DataError:
+        return DataError(f"sequence file {path}: field '{key}' is {got!r}; it must be {FIELDS[key]}")
+    for key in data:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(str(key), list(FIELDS), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise DataError(f"sequence file {path}: unknown field '{key}'; {hint}(fields: {', '.join(FIELDS)})")
+    for key in ("name", "tasks"):
+        if key not in data:
+            raise DataError(f"sequence file {path} lacks field '{key}': {FIELDS[key]}")
+    if not isinstance(data["name"], (str, int)) or isinstance(data["name"], bool) or not str(data["name"]).strip():
+        raise bad("name", data["name"])
+    if str(data.get("kind", "mtil")) not in KINDS:
+        raise DataError(f"sequence file {path}: field 'kind': kind '{data.get('kind')}' is not one of "
+                        f"{', '.join(KINDS)} ({FIELDS['kind']})")
+    tasks = data["tasks"]
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, (str, int)) for t in tasks):
+        raise bad("tasks", tasks)
+    held = data.get("held_out")
+    if held is not None and (not isinstance(held, list) or not all(isinstance(t, (str, int)) for t in held)):
+        raise bad("held_out", held)
+    for key in ("build", "description"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise bad(key, data[key])
+
+
 def read_sequence_file(path: Path) -> dict[str, Any]:
     """A sequence file's mapping, checked (the loaders and ``python -m data_tools verify`` share this): a name,
     a known kind, a non-empty task list, task names that are plain folder names (no paths, URLs, commands)."""
     data = _read_yaml(path)
-    for key in ("name", "tasks"):
-        if key not in data:
-            raise DataError(f"sequence file {path} lacks '{key}'")
-    if not isinstance(data["name"], str) or not data["name"].strip():
-        raise DataError(f"sequence file {path}: 'name' must be a non-empty string, found {data['name']!r:.60}")
-    kind = data.get("kind", "mtil")
-    if kind not in KINDS:
-        raise DataError(f"sequence file {path}: kind {kind!r:.40} is not one of {', '.join(KINDS)}")
-    names = data["tasks"]
-    held = data.get("held_out") or []
-    if not isinstance(names, list) or not names or not isinstance(held, list):
-        raise DataError(f"sequence file {path}: 'tasks' must be a non-empty list and 'held_out' a list")
+    check_sequence_fields(data, path)
+    kind = str(data.get("kind", "mtil"))
+    names, held = [str(n) for n in data["tasks"]], [str(n) for n in data.get("held_out") or []]
     for i, task in enumerate(names):
         check_plain_name(task, f"sequence file {path}", f"tasks[{i}]")
     for i, task in enumerate(held):
@@ -141,7 +168,7 @@ def read_sequence_file(path: Path) -> dict[str, Any]:
     dup = {n for n in [*names, *held] if [*names, *held].count(n) > 1}
     if dup:
         raise DataError(f"sequence file {path} lists task(s) more than once: {', '.join(sorted(dup))}")
-    return {**data, "kind": kind}
+    return {**data, "kind": kind, "tasks": names, "held_out": held}
 
 
 def data_options(data: Any) -> dict[str, Any]:

@@ -14,11 +14,10 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-
-from .loading import LoadedRun, load_run
+if TYPE_CHECKING:  # torch, DeepSpeed and open_clip load only when a command needs a model (not `moecl report`)
+    from .loading import LoadedRun
 
 EVAL_DIR = "eval"
 METHOD_NAMES = {"moe-adapters": "moecl", "full-ft": "continual-ft", "zero-shot": "zero-shot",
@@ -39,10 +38,15 @@ def default_eval_name(loaded: LoadedRun, data_root: Optional[str], sequence: Opt
     return "__".join(parts)
 
 
-@torch.no_grad()
 def evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
     """Score every test set of ``loaded.sequence`` in every mode; the trainer's ``_evaluate_row`` for the
     loaded checkpoint. Returns ``{"kind", "columns", "held_out", "route_names", "modes": {mode: {...}}}``."""
+    import torch
+    with torch.no_grad():
+        return _evaluate_loaded(loaded, modes)
+
+
+def _evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
     from .evaluator import Evaluator, cil_label_set, confusion_row, label_set
 
     cfg, seq = loaded.cfg, loaded.sequence
@@ -97,10 +101,12 @@ def evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
 
 def clip_benchmark_records(loaded: LoadedRun, results: dict[str, Any]):
     """(file stem, record) per mode and dataset, in CLIP_benchmark's result layout (acc1 as a fraction)."""
+    from .report import clip_benchmark_model, clip_benchmark_pretrained
     method = METHOD_NAMES.get(loaded.method, loaded.method)
     for mode, entry in results["modes"].items():
         for name in results["columns"]:
-            record = {"dataset": name, "model": loaded.cfg.model.name, "pretrained": loaded.cfg.model.pretrained,
+            record = {"dataset": name, "model": clip_benchmark_model(loaded.cfg.model.name, method, mode),
+                      "pretrained": clip_benchmark_pretrained(loaded.cfg.model.model_dump()),
                       "task": "zeroshot_classification", "metrics": {"acc1": entry["accuracy"][name] / 100.0},
                       "language": "en",
                       "moecl": {"method": method, "mode": mode, "after_task": loaded.num_trained_tasks,
@@ -154,6 +160,7 @@ def write_results(loaded: LoadedRun, results: dict[str, Any], out_dir: Path, ext
 def _evaluate(run: str | Path, checkpoint: Optional[str], data_root: Optional[str], sequence: Optional[str],
               overrides: Optional[list[str]], name: Optional[str], device: str, out: Optional[str | Path]):
     """Load and score (nothing written): (loaded, results, output folder, extra fields of results.json)."""
+    from .loading import load_run
     tic = time.time()
     loaded = load_run(run, checkpoint, device, data_root=data_root, sequence=sequence, overrides=overrides)
     results = evaluate_loaded(loaded)
@@ -201,11 +208,11 @@ def run_eval(args) -> int:
 
 def run_report(args) -> int:
     from .report import (CLIP_BENCHMARK_DIR, PLOTS_DIR, REPORT_JSON, REPORT_MD, load_report, recompute,
-                         summary_table, unwritable, write_report)
+                         summary_text, unwritable, write_report)
     run = Path(args.run)
     out = Path(getattr(args, "out", None) or run)
     report = recompute(load_report(run))
-    print(summary_table(report))
+    print(summary_text(report))
     sys.stdout.flush()
     try:
         write_report(out, report)

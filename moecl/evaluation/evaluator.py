@@ -33,10 +33,15 @@ class SetResult:
     correct: int = 0
     total: int = 0
     routes: dict[int, int] = field(default_factory=dict)  # route -> samples
+    zero_shot_correct: Optional[int] = None  # the frozen backbone's own hits on the same images (zero_shot=True)
 
     @property
     def accuracy(self) -> float:
         return 100.0 * self.correct / max(self.total, 1)
+
+    @property
+    def zero_shot_accuracy(self) -> Optional[float]:
+        return None if self.zero_shot_correct is None else 100.0 * self.zero_shot_correct / max(self.total, 1)
 
 
 class _RoutedText:
@@ -100,10 +105,12 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, task: TaskInfo, labels: LabelSet, *, mode: str, oracle_route: int,
                  selector: Optional[DDASSelector] = None, decision: str = "sample", label_offset: int = 0,
-                 split: str = "test", trained: int = 0) -> SetResult:
-        """Top-1 accuracy of one test set. ``label_offset`` shifts labels into a bigger (CIL) label space."""
+                 split: str = "test", trained: int = 0, zero_shot: bool = False) -> SetResult:
+        """Top-1 accuracy of one test set. ``label_offset`` shifts labels into a bigger (CIL) label space.
+        ``zero_shot``: also count what the untouched backbone (route -1) gets right on the same images, from
+        the plain features computed anyway (meaningful while route -1 is the frozen CLIP)."""
         self.model.eval()
-        result = SetResult()
+        result = SetResult(zero_shot_correct=0 if zero_shot else None)
         stream = eval_batches(task, split, batch_size=self.batch_size, rank=self.rank, world_size=self.world_size,
                               workers=self.workers, preprocess=self.preprocess, max_samples=self.max_samples,
                               equal_batches=self.collective_routes, max_bad_fraction=self.max_bad_fraction)
@@ -125,6 +132,9 @@ class Evaluator:
                 m = routes == r
                 preds[m] = (feats[m] @ self.head(labels, int(r))).argmax(dim=1)
             result.correct += int(((preds == targets + label_offset) & valid).sum())
+            if zero_shot:
+                zs = (plain @ self.head(labels, ZERO_SHOT)).argmax(dim=1)
+                result.zero_shot_correct += int(((zs == targets + label_offset) & valid).sum())
             result.total += int(valid.sum())
             for r, n in zip(*routes[valid].unique(return_counts=True)):
                 result.routes[int(r)] = result.routes.get(int(r), 0) + int(n)
@@ -137,10 +147,12 @@ class Evaluator:
             return result
         import torch.distributed as dist
         keys = sorted(set(range(-1, 64)) | set(result.routes))
-        t = torch.tensor([result.correct, result.total] + [result.routes.get(k, 0) for k in keys], dtype=torch.long)
+        zs = result.zero_shot_correct
+        t = torch.tensor([result.correct, result.total, zs or 0] + [result.routes.get(k, 0) for k in keys],
+                         dtype=torch.long)
         dist.all_reduce(t)
-        routes = {k: int(v) for k, v in zip(keys, t[2:].tolist()) if v}
-        return SetResult(int(t[0]), int(t[1]), routes)
+        routes = {k: int(v) for k, v in zip(keys, t[3:].tolist()) if v}
+        return SetResult(int(t[0]), int(t[1]), routes, None if zs is None else int(t[2]))
 
 
 def confusion_row(result: SetResult, num_tasks: int) -> list[int]:

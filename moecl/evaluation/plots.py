@@ -72,6 +72,33 @@ def routing_heatmap(confusion: Any, row_labels: Sequence[str], route_labels: Seq
                           ylabel="test set")
 
 
+def summary_figure(series: Sequence[dict], title: str):
+    """Methods side by side: Transfer and Last as bars, and the mean accuracy on the tasks seen so far
+    after each task as lines. ``series``: [{"name", "transfer", "last", "seen": [...]}, ...]."""
+    fig = _figure(max(8.0, 4.0 + 0.9 * len(series)), 3.8)
+    bars, lines = fig.subplots(1, 2)
+    x = np.arange(len(series))
+    for k, (key, label) in enumerate((("transfer", "Transfer"), ("last", "Last"))):
+        values = [np.nan if s.get(key) is None else float(s[key]) for s in series]
+        drawn = bars.bar(x + (k - 0.5) * 0.38, values, width=0.38, label=label)
+        bars.bar_label(drawn, fmt="%.1f", fontsize=7, padding=1)
+    bars.set_xticks(x, labels=[s["name"] for s in series], rotation=30, ha="right", rotation_mode="anchor")
+    bars.set_ylim(0, 118)
+    bars.set_ylabel("top-1 accuracy (%)")
+    bars.set_title("Transfer and Last")
+    bars.legend(fontsize=8, loc="upper center", ncol=2)
+    for s in series:
+        lines.plot(range(1, len(s["seen"]) + 1), s["seen"], marker="o", label=s["name"])
+    lines.set_xlabel("tasks learned")
+    lines.set_ylabel("accuracy on tasks seen so far (%)")
+    lines.set_ylim(0, 118)
+    lines.set_title("as tasks are learned")
+    lines.xaxis.get_major_locator().set_params(integer=True)
+    lines.legend(fontsize=7, loc="upper center", ncol=2)
+    fig.suptitle(title)
+    return fig
+
+
 def figure_to_array(fig) -> np.ndarray:
     """Rendered RGB pixels [H, W, 3] uint8 (what TensorBoard's add_image takes with dataformats='HWC')."""
     fig.canvas.draw()

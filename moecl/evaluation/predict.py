@@ -28,6 +28,7 @@ from .loading import ZERO_SHOT, LoadedRun, load_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".gif", ".tif", ".tiff")
 OPEN_VOCAB_TEMPLATES = ("a photo of a {}.",)
+ALL_SEEN = "all-seen"  # --labels all-seen: every class of every learned task, whatever the route
 ImageInput = Union[Image.Image, str, Path]
 
 
@@ -64,7 +65,7 @@ class Predictor:
         self.batch_size = int(batch_size or self.run.cfg.eval.batch_size)
         self._ev = Evaluator(self.run.model, self.run.tokenizer, self.run.eval_tf, device=self.run.device,
                              batch_size=self.batch_size, autocast=self.run.autocast)
-        self._union: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        self._union: dict[tuple[int, bool], tuple[torch.Tensor, list[str]]] = {}
 
     # ---- label sets --------------------------------------------------------------------------------------
     @property
@@ -81,22 +82,33 @@ class Predictor:
             return None
         return self.run.trained_task_names[route]
 
-    def _all_classes(self, route: int) -> tuple[torch.Tensor, list[str]]:
-        """Every class of every task (+ held out), each embedded with its own task's prompts, through ``route``."""
-        if route not in self._union:
-            tasks = self.sequence.all_tasks()
+    def seen_tasks(self) -> list:
+        """The sequence tasks this checkpoint has learned, in training order."""
+        names = self.run.trained_task_names[: self.run.num_trained_tasks]
+        return [t for t in self.sequence.tasks if t.name in names]
+
+    def _all_classes(self, route: int, seen_only: bool = False) -> tuple[torch.Tensor, list[str]]:
+        """Every class of every task (+ held out; or only the learned tasks with ``seen_only``), each
+        embedded with its own task's prompts, through ``route``."""
+        if (route, seen_only) not in self._union:
+            tasks = self.seen_tasks() if seen_only else self.sequence.all_tasks()
+            if not tasks:
+                raise DataError(f"--labels {ALL_SEEN}: {self.run.checkpoint} has learned no task yet")
             heads = [self._ev.head(self._task_labels(t.name), route) for t in tasks]
             names = [c for t in tasks for c in t.classnames]
             owners = [t.name for t in tasks for _ in t.classnames]
             dup = {n for n in names if names.count(n) > 1}
             names = [f"{n} ({o})" if n in dup else n for n, o in zip(names, owners)]
-            self._union[route] = (torch.cat(heads, dim=1), names)
-        return self._union[route]
+            self._union[(route, seen_only)] = (torch.cat(heads, dim=1), names)
+        return self._union[(route, seen_only)]
 
     def head(self, route: int, labels: Optional[Sequence[str]], task: Optional[str],
              templates: Optional[Sequence[str]]) -> tuple[torch.Tensor, list[str], str]:
         """(class embeddings [D, C], label names, where the labels came from) for images on ``route``."""
         from .evaluator import LabelSet
+        if labels == ALL_SEEN:
+            w, names = self._all_classes(route, seen_only=True)
+            return w, names, "all seen classes"
         if labels is not None:
             source_task = task or self._routed_task(route)
             tpl = list(templates) if templates else (self._task_labels(source_task).templates if source_task
@@ -147,9 +159,13 @@ class Predictor:
         """Per image: ``{"image", "route", "route_id", "labels_from", "top": [{"label", "probability"}...],
         "ddas_error"?}``. ``labels``: an open vocabulary; ``task``: route through that task and (without
         ``labels``) score its class names; neither: DDAS routes each image and it is scored against its
-        routed task's classes (zero-shot: all classes of the sequence). ``skipped``: a list to receive
-        ``(image, reason)`` for unreadable images, which are then left out instead of raising."""
-        if labels is not None:
+        routed task's classes (zero-shot: all classes of the sequence). ``labels="all-seen"``: every class
+        of every learned task, whichever route an image takes (class-incremental use). ``skipped``: a list to
+        receive ``(image, reason)`` for unreadable images, which are then left out instead of raising."""
+        if isinstance(labels, str) and labels == ALL_SEEN:
+            if task is not None:
+                raise ValueError(f"labels={ALL_SEEN!r} and task exclude each other")
+        elif labels is not None:
             labels = [str(l).strip() for l in labels if str(l).strip()]
             if not labels:
                 raise ValueError("labels is empty: give at least one label name")
@@ -269,6 +285,8 @@ def run_predict(args) -> int:
         raise MoeclError(f"--top must be between 1 and {MAX_TOP} (labels shown per image), got {top}")
     images = find_images(args.images)
     labels = [l.strip() for l in args.labels.split(",") if l.strip()] if getattr(args, "labels", None) else None
+    if labels == [ALL_SEEN]:
+        labels = ALL_SEEN
     if getattr(args, "labels", None) is not None and not labels:
         raise DataError("--labels is empty: give comma-separated label names, e.g. --labels \"cat,dog\"")
     predictor = Predictor(args.run, getattr(args, "checkpoint", None), getattr(args, "device", None) or "auto")

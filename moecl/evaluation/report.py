@@ -34,6 +34,12 @@ PLOTS_DIR = "plots"
 CLIP_BENCHMARK_DIR = "clip_benchmark"
 MODES = ("oracle", "agnostic")
 SUMMARY_KEYS = ("transfer", "avg", "last")
+ROUTING_WARN_BELOW = 90.0  # % of test images on their own route under which a report calls DDAS routing weak
+METRICS_DOC = "docs/metrics.md"
+LEGEND = ("Transfer: accuracy on tasks not yet learned (zero-shot kept); Avg: mean of the whole accuracy matrix; "
+          "Last: mean accuracy after the last task; BWT: last minus just-learned accuracy per task (< 0 = "
+          "forgotten); Forgetting: best-ever minus last accuracy per task (> 0 = lost). oracle = task id given, "
+          "agnostic = DDAS picks the route; zero-shot = the untouched backbone. Definitions: " + METRICS_DOC)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -60,6 +66,33 @@ def column_names(tasks: Sequence[str], held_out: Sequence[str], num_columns: int
     if num_columns == len(tasks):
         return tasks, len(tasks)
     return [str(j) for j in range(num_columns)], num_columns
+
+
+def routing_accuracy(confusion: Sequence[Sequence[int]], num_tasks: int, trained: Optional[int] = None
+                     ) -> Optional[float]:
+    """% of test images that took their own route: test set j < ``trained`` to task j, every other set
+    (not yet learned, held out) to zero-shot (the last column). None when there are no images."""
+    trained = num_tasks if trained is None else trained
+    right = total = 0
+    for j, row in enumerate(confusion):
+        own = j if j < trained else len(row) - 1
+        right, total = right + int(row[own]), total + int(sum(row))
+    return 100.0 * right / total if total else None
+
+
+def weak_routing_notes(report: dict[str, Any]) -> list[str]:
+    """One line per agnostic entry whose routing after its last row is below :data:`ROUTING_WARN_BELOW`."""
+    notes = []
+    for method, mode, entry in _entries(report):
+        conf = entry.get("routing_confusion")
+        if mode == "oracle" or not conf or entry.get("kind") != "mtil":
+            continue
+        acc = routing_accuracy(conf, len(report.get("tasks", [])), trained=len(entry["matrix"]))
+        if acc is not None and acc < ROUTING_WARN_BELOW:
+            notes.append(f"{method} ({mode}): only {acc:.1f}% of test images took their own route (below "
+                         f"{ROUTING_WARN_BELOW:.0f}%). DDAS tells domains apart, not classes cut from one domain: "
+                         f"read this row with care; see {METRICS_DOC}, 'Routing'.")
+    return notes
 
 
 def build_method_entry(matrix: Any, mode_kind: str = "mtil", routing_confusion: Any = None,
@@ -147,7 +180,8 @@ def format_table(rows: Sequence[Sequence[Any]], row_names: Optional[Sequence[str
 
 
 def _entries(report: dict[str, Any]):
-    for method, modes in report.get("methods", {}).items():
+    methods = report.get("methods", {})
+    for method, modes in sorted(methods.items(), key=lambda kv: kv[0] != "zero-shot"):
         for mode in sorted(modes, key=lambda m: (MODES.index(m) if m in MODES else len(MODES), m)):
             yield method, mode, modes[mode]
 
@@ -218,9 +252,19 @@ def _fmt_number(value: Any, unit: str = "") -> str:
     return f"{value:,.3f}{unit}" if isinstance(value, float) else f"{value:,}{unit}"
 
 
+def summary_text(report: dict[str, Any]) -> str:
+    """The console summary: the table, its legend, and any weak-routing warning."""
+    lines = [summary_table(report), "", LEGEND]
+    lines += ["WARNING " + n for n in weak_routing_notes(report)]
+    return "\n".join(lines)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: summary, run facts, then per method and mode the matrix, paper table, routing, heatmaps."""
-    out = ["# moecl report", "", "## Summary", "", summary_table(report, markdown=True), ""]
+    out = ["# moecl report", "", "## Summary", "", summary_table(report, markdown=True), "", LEGEND, ""]
+    if _summary_series(report):
+        out += [f"![methods compared]({PLOTS_DIR}/summary.png)", ""]
+    out += [f"**Weak routing.** {n}" for n in weak_routing_notes(report)] + ([""] if weak_routing_notes(report) else [])
     if report.get("held_out"):
         out += ["Columns marked * are held-out sets (never trained on); Transfer/Avg/Last exclude them.", ""]
     out += ["## Run", "", f"- tasks: {', '.join(report.get('tasks', [])) or '—'}",
@@ -237,7 +281,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         stem = _stem(method, mode)
         out += [f"## {method} — {mode}", "", entry_tables(report, entry, markdown=True), "",
                 f"![accuracy {method} {mode}]({PLOTS_DIR}/accuracy__{stem}.png)", ""]
-        if entry.get("routing_confusion") is not None:
+        if entry.get("routing_confusion") is not None and mode != "oracle":
             out += [f"### Routing ({mode})", "", _routing_table(report, entry, markdown=True), "",
                     f"![routing {method} {mode}]({PLOTS_DIR}/routing__{stem}.png)", ""]
     return "\n".join(out)
@@ -281,25 +325,82 @@ def unwritable(folder: Path | str, err: OSError, what: str) -> MoeclError:
     return MoeclError(f"cannot write to {folder} ({reason}); {hint}")
 
 
-def figures(report: dict[str, Any]):
-    """(file stem, tag, Figure) for every heatmap of the report."""
+def _figure_specs(report: dict[str, Any]):
+    """(file stem, tensorboard tag, plotting function, its arguments) for every figure of the report: the
+    methods side by side, then each entry's accuracy heatmap and, for agnostic modes, its routing heatmap
+    (oracle routing is the identity by construction: no figure)."""
+    rows = _summary_series(report)
+    if rows:
+        yield "summary", "summary", plots.summary_figure, (rows, "methods compared")
     for method, mode, entry in _entries(report):
         stem = _stem(method, mode)
         if entry["kind"] == "cil":
             steps = [f"step {s + 1}" for s in range(len(entry["accuracies"]))]
-            fig = plots.accuracy_heatmap([entry["accuracies"]], steps, f"{method} — {mode}", ["seen classes"])
+            args: tuple = ([entry["accuracies"]], steps, f"{method} — {mode}", ["seen classes"])
         else:
             cols, t = _entry_columns(report, entry)
             shown = [c + ("*" if j >= t else "") for j, c in enumerate(cols)]
-            fig = plots.accuracy_heatmap(entry["matrix"], shown, f"{method} — {mode}",
-                                         _row_labels(report, len(entry["matrix"])))
-        yield f"accuracy__{stem}", f"accuracy/{method}/{mode}", fig
+            args = (entry["matrix"], shown, f"{method} — {mode}", _row_labels(report, len(entry["matrix"])))
+        yield f"accuracy__{stem}", f"accuracy/{method}/{mode}", plots.accuracy_heatmap, args
         confusion = entry.get("routing_confusion")
-        if confusion is not None:
-            rows = column_names(report.get("tasks", []), report.get("held_out", []), len(confusion))[0]
-            fig = plots.routing_heatmap(confusion, rows, _route_labels(report, confusion),
-                                        f"routing: {method} — {mode}")
-            yield f"routing__{stem}", f"routing/{method}/{mode}", fig
+        if confusion is not None and mode != "oracle":
+            names = column_names(report.get("tasks", []), report.get("held_out", []), len(confusion))[0]
+            yield (f"routing__{stem}", f"routing/{method}/{mode}", plots.routing_heatmap,
+                   (confusion, names, _route_labels(report, confusion), f"routing: {method} — {mode}"))
+
+
+def _summary_series(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per method and mode: Transfer, Last and the mean accuracy on the tasks seen so far after each task."""
+    out = []
+    for method, mode, entry in _entries(report):
+        m = entry.get("metrics", {})
+        if entry["kind"] == "cil":
+            seen = list(entry["accuracies"])
+        else:
+            a = entry["matrix"]
+            seen = [float(np.mean(a[i][: i + 1])) for i in range(len(a))]
+        out.append({"name": f"{method} ({mode})", "transfer": m.get("transfer"), "last": m.get("last"),
+                    "seen": seen})
+    return out if len(out) > 1 else []
+
+
+def figures(report: dict[str, Any]):
+    """(file stem, tag, Figure) for every figure of the report."""
+    for stem, tag, draw, args in _figure_specs(report):
+        yield stem, tag, draw(*args)
+
+
+def _fingerprint(draw, args) -> str:
+    import hashlib
+    blob = json.dumps([draw.__name__, _plain(list(args)), PLOTS_VERSION], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+PLOTS_VERSION = 2  # bump when a figure's look changes: every PNG is drawn again
+PLOTS_INDEX = ".index.json"
+
+
+def write_plots(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
+    """PNGs under ``RUN/plots``; a figure whose inputs did not change since it was written is not drawn
+    again (``plots/.index.json`` keeps a fingerprint per file), so ``moecl report`` stays fast."""
+    folder = run_dir / PLOTS_DIR
+    index_path = folder / PLOTS_INDEX
+    try:
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        index = {}
+    written, fresh = {}, {}
+    for stem, _, draw, args in _figure_specs(report):
+        path = folder / f"{stem}.png"
+        key = _fingerprint(draw, args)
+        if index.get(stem) != key or not path.is_file():
+            plots.save_png(draw(*args), path)
+        written[stem], fresh[stem] = path, key
+    for stale in set(index) - set(fresh):  # figures this report no longer has
+        (folder / f"{stale}.png").unlink(missing_ok=True)
+    if fresh:
+        _atomic_write(index_path, json.dumps(fresh, indent=1) + "\n")
+    return written
 
 
 def _clip_benchmark_records(report: dict[str, Any]):
@@ -310,11 +411,27 @@ def _clip_benchmark_records(report: dict[str, Any]):
         cols, _ = _entry_columns(report, entry)
         last_row = entry["matrix"][-1]
         for name, acc in zip(cols, last_row):
-            record = {"dataset": name, "model": model_cfg.get("name", method),
-                      "pretrained": model_cfg.get("pretrained"), "task": "zeroshot_classification",
+            record = {"dataset": name, "model": clip_benchmark_model(model_cfg.get("name", method), method, mode),
+                      "pretrained": clip_benchmark_pretrained(model_cfg), "task": "zeroshot_classification",
                       "metrics": {"acc1": acc / 100.0}, "language": "en",
                       "moecl": {"method": method, "mode": mode, "after_task": len(entry["matrix"])}}
             yield _stem(method, mode, name), record
+
+
+def clip_benchmark_model(model_name: str, method: str, mode: str) -> str:
+    """The ``model`` column of a CLIP_benchmark record: one distinct name per method and routing mode
+    (``clip_benchmark build`` keys its rows by model, pretrained and dataset)."""
+    return f"{model_name}+{method}" + ("" if method == "zero-shot" else f"-{mode}")
+
+
+def clip_benchmark_pretrained(model_cfg: dict[str, Any]) -> str:
+    """The ``pretrained`` column: a string always (``clip_benchmark build`` fails on null)."""
+    if model_cfg.get("pretrained"):
+        return str(model_cfg["pretrained"])
+    if model_cfg.get("init_checkpoint"):
+        value = str(model_cfg["init_checkpoint"])
+        return value if value in ("demo", "demo-quick") else Path(value).name
+    return "random-init"
 
 
 def _check(report: dict[str, Any]) -> None:
@@ -335,8 +452,7 @@ def write_report(run_dir: Path | str, report: dict[str, Any]) -> dict[str, Path]
     written["json"] = run_dir / REPORT_JSON
     _atomic_write(run_dir / REPORT_MD, render_markdown(report) + "\n")
     written["md"] = run_dir / REPORT_MD
-    for stem, _, fig in figures(report):
-        written[stem] = plots.save_png(fig, run_dir / PLOTS_DIR / f"{stem}.png")
+    written.update(write_plots(run_dir, report))
     bench = run_dir / CLIP_BENCHMARK_DIR
     for stem, record in _clip_benchmark_records(report):
         bench.mkdir(exist_ok=True)

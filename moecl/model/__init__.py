@@ -1,12 +1,16 @@
 """The MoE-adapted CLIP: build it with :func:`build_model`."""
 from __future__ import annotations
 
-from ..config import ModelConfig, MoEConfig
-from .backbone import create_backbone, image_size_of, tokenizer_for
-from .clip import DenseAdapter, MoECLIP
-from .experts import AdapterExpert, GroupedExperts
-from .gate import TaskRouterGate, noisy_logits, selection_counts, task_logits
-from .moe import MoEAdapter
+from ..runtime import configure_accelerator_env
+
+configure_accelerator_env()  # DeepSpeed reads DS_ACCELERATOR when it is first imported (by .experts below)
+
+from ..config import ModelConfig, MoEConfig  # noqa: E402
+from .backbone import create_backbone, image_size_of, tokenizer_for  # noqa: E402  (registers the tiny backbones)
+from .clip import DenseAdapter, MoECLIP  # noqa: E402
+from .experts import AdapterExpert, GroupedExperts  # noqa: E402
+from .gate import TaskRouterGate, noisy_logits, selection_counts, task_logits  # noqa: E402
+from .moe import MoEAdapter  # noqa: E402
 
 
 def build_model(model: ModelConfig | None = None, moe: MoEConfig | None = None,

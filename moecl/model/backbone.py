@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -10,7 +11,10 @@ from typing import Optional
 import open_clip
 from torch import nn
 
+from ..backbones import register_backbones
 from ..config import ConfigError, ModelConfig
+
+register_backbones()  # moecl-tiny / moecl-small resolvable by open_clip's own factory
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -71,15 +75,51 @@ def _hub_offline():
         hub.HF_HUB_OFFLINE = saved
 
 
+log = logging.getLogger("moecl")
+
+
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip warns 'No pretrained weights loaded ... initialized randomly' for a model built with
+    pretrained=None; when an init checkpoint is loaded into it right after, that warning is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_random_init_notice(active: bool):
+    root, notice = logging.getLogger(), _DropRandomInitNotice()
+    if active:
+        root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
+def init_checkpoint_path(cfg: ModelConfig) -> Optional[Path]:
+    """``model.init_checkpoint`` as a file (``demo`` / ``demo-quick``: the cached demo weights), or None."""
+    if not cfg.init_checkpoint:
+        return None
+    from ..demo import resolve_init_checkpoint
+    path = Path(resolve_init_checkpoint(cfg.init_checkpoint, cfg.name, build=False)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.init_checkpoint={cfg.init_checkpoint!r}: no such file (give a safetensors file "
+                          "of the whole open_clip model, or 'demo' for the demo's pretrained moecl-tiny)")
+    return path
+
+
 def create_backbone(cfg: ModelConfig) -> nn.Module:
     """An open_clip CLIP with every weight frozen. Never touches the network."""
     _check_name(cfg.name)
     source: Optional[str] = cfg.pretrained
+    init = init_checkpoint_path(cfg)
     kwargs = {}
     if cfg.cache_dir:
         kwargs["cache_dir"] = cfg.cache_dir
-    if source is None:
-        model = open_clip.create_model(cfg.name, pretrained=None, **kwargs)
+    if source is None:  # no open_clip notice: the trainer says once, in its own words, when nothing is loaded
+        with quiet_random_init_notice(True):
+            model = open_clip.create_model(cfg.name, pretrained=None, **kwargs)
     elif source.endswith(WEIGHT_SUFFIXES) or os.sep in source or Path(source).exists():
         path = Path(source).expanduser()
         if not path.is_file():
@@ -100,12 +140,16 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         name, pretrained = (source, None) if source.startswith("hf-hub:") else (cfg.name, source)
         with _hub_offline():
             model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
-    if cfg.init_checkpoint:
+    if init is not None:
         from safetensors.torch import load_file
-        path = Path(cfg.init_checkpoint)
-        if not path.is_file():
-            raise ConfigError(f"model.init_checkpoint={str(path)!r}: no such file")
-        model.load_state_dict(load_file(str(path)))
+        state = load_file(str(init))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"model.init_checkpoint={cfg.init_checkpoint!r} ({init}) does not fit model.name="
+                              f"{cfg.name}: {str(e).splitlines()[0]}") from None
+        log.info("backbone %s: weights from init checkpoint %s (%d tensors, %d parameters)", cfg.name, init,
+                 len(state), sum(v.numel() for v in state.values()))
     model.requires_grad_(False)
     model.eval()
     return model

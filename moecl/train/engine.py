@@ -86,6 +86,13 @@ def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: 
     groups = split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "adapters", "lr": lr})
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds,
-                                                   dist_init_required=False)
+    import contextlib
+    import io
+    import logging
+    chatter = io.StringIO()  # DeepSpeed prints its process-group set-up ("No existing process group found, ...")
+    with contextlib.redirect_stdout(chatter):
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds,
+                                                       dist_init_required=False)
+    if chatter.getvalue().strip():
+        logging.getLogger("moecl").debug("deepspeed: %s", chatter.getvalue().strip())
     return engine, optimizer

@@ -62,6 +62,7 @@ class Progress:
     skipped_steps: int = 0
     wall_time_s: float = 0.0
     resources: list[dict[str, int]] = field(default_factory=list)  # per finished task: RSS, open files
+    zero_shot: list[list[float]] = field(default_factory=list)  # per row: the untouched backbone's accuracies
 
 
 def _seed_all(seed: int) -> None:
@@ -122,6 +123,22 @@ class ContinualTrainer:
         self.allow_config_change = allow_config_change
         _check_resume_path(resume, self.run_dir)
         self.info: DistInfo = init_distributed(cfg.runtime.device)
+        created = not self.run_dir.exists()
+        try:
+            self._setup(cfg)
+        except BaseException:
+            if created and self.is_main:  # a run that never started leaves no half-made run folder behind
+                self._drop_run_dir()
+            raise
+
+    def _drop_run_dir(self) -> None:
+        for h in list(log.handlers):
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == self.run_dir.resolve():
+                log.removeHandler(h)
+                h.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _setup(self, cfg: Config) -> None:
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.device = self.info.device
@@ -150,6 +167,7 @@ class ContinualTrainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         _seed_all(cfg.train.seed)
+        self._prepare_backbone_weights()
         self.model: MoECLIP = build_model(cfg.model, cfg.moe, ADAPTER_METHOD[self.method]).to(self.device)
         if self.method == "moe-adapters" and cfg.moe.ep_size > 1:
             self.model.setup_expert_parallel()
@@ -205,9 +223,22 @@ class ContinualTrainer:
         handler = logging.FileHandler(self.run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
+        log.setLevel(logging.DEBUG)  # DEBUG lines (resources, DeepSpeed set-up) go to train.log only
         for note in notes:
             log.warning(note)
+
+    def _prepare_backbone_weights(self) -> None:
+        """``model.init_checkpoint=demo``: rank 0 builds the demo's pretrained tiny CLIP into the cache once
+        (the other ranks wait, then read it). No weights at all: say so, once, before anything trains."""
+        mcfg = self.cfg.model
+        if mcfg.init_checkpoint and self.is_main:
+            from ..demo import resolve_init_checkpoint
+            resolve_init_checkpoint(mcfg.init_checkpoint, mcfg.name, progress=self.cfg.runtime.progress)
+        self._barrier()
+        if self.is_main and not mcfg.pretrained and not mcfg.init_checkpoint:
+            log.warning("the backbone %s is randomly initialised (no model.pretrained, no model.init_checkpoint): "
+                        "accuracies will be near chance. For a small backbone that has learned something use "
+                        "model.init_checkpoint=demo (the demo's pretrained moecl-tiny)", mcfg.name)
 
     def _check_resume_config(self, path: Path) -> list[str]:
         """Refuse a resume whose config changes the model; list any other change and refuse it too unless
@@ -292,6 +323,7 @@ class ContinualTrainer:
             log.info("run %s: %d tasks (%s), method %s, %d rank(s) on %s", self.run_dir, num_tasks,
                      ", ".join(self.seq.task_names), self.method, self.info.world_size, self.device)
         wall_before = self.progress.wall_time_s
+        self._full_ft_zero_shot()
         while self.progress.task < num_tasks:
             t = self.progress.task
             task = self.seq.tasks[t]
@@ -308,7 +340,7 @@ class ContinualTrainer:
             self._save(task_end=True)
             self._write_report()
             if self.is_main:
-                log.info("task %d done: %s", t, json.dumps(self.progress.resources[-1]))
+                log.debug("task %d done: %s", t + 1, json.dumps(self.progress.resources[-1]))
             maybe_kill("between", t, None, self.info.rank)
             if self.progress.task < num_tasks and self._stop_requested():
                 self._interrupt()
@@ -492,7 +524,8 @@ class ContinualTrainer:
         return sum(self.iterations(i) for i in range(t)) + self.progress.step
 
     def _bar(self, name: str, total: int):
-        if not (self.is_main and self.cfg.runtime.progress):
+        import sys
+        if not (self.is_main and self.cfg.runtime.progress and sys.stderr.isatty()):  # bars for people, not logs
             return None
         from tqdm import tqdm
         return tqdm(total=total, initial=self.progress.step, desc=f"task {name}", unit="step", dynamic_ncols=True)
@@ -511,7 +544,7 @@ class ContinualTrainer:
             total = sum(len(v) for v in self.model.frozen_experts().values())
             self.writer.add_scalar("experts/frozen_total", total, t)
             self.writer.add_text("experts/frozen", json.dumps(self.model.frozen_experts()), t)
-            log.info("task %d: froze %s; %d experts frozen in all", t, json.dumps(newly), total)
+            log.info("task %d: froze %s; %d experts frozen in all", t + 1, json.dumps(newly), total)
 
     @torch.no_grad()
     def _image_features(self, task, split: str, limit: int) -> torch.Tensor:
@@ -545,7 +578,7 @@ class ContinualTrainer:
         info = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
         self.progress.ddas.append(info)
         if self.is_main:
-            log.info("task %d: DDAS autoencoder on %d images, threshold %.5f", t, len(feats), threshold)
+            log.info("task %d: DDAS autoencoder on %d images, threshold %.5f", t + 1, len(feats), threshold)
             self.writer.add_scalar("ddas/threshold", threshold, t)
 
     def _fit_reference_ddas(self, t: int, task) -> None:
@@ -581,37 +614,88 @@ class ContinualTrainer:
             return 0
         return -1
 
+    def _zero_shot_free(self) -> bool:
+        """Route -1 is the untouched backbone (frozen CLIP) for every method but full fine-tuning."""
+        return self.method != "full-ft"
+
     def _evaluate_row(self, t: int) -> None:
         ev = self._evaluator()
         trained = t + 1
-        for mode in self.eval_modes():
+        zs_row: list[float] = []
+        for k, mode in enumerate(self.eval_modes()):
             name, kind, selector, decision = mode.name, mode.kind, mode.selector, mode.decision
+            with_zs = k == 0 and self._zero_shot_free()
             if self.cfg.eval.cil:
                 seen = self.seq.tasks[:trained]
                 labels = cil_label_set(seen, self.cfg.eval.templates)
-                correct = total = 0
+                correct = total = zs_correct = 0
                 offset = 0
                 for j, task in enumerate(seen):
                     r = ev.evaluate(task, labels, mode=kind, oracle_route=self._oracle_route(j, trained),
-                                    selector=selector, decision=decision, label_offset=offset, trained=trained)
+                                    selector=selector, decision=decision, label_offset=offset, trained=trained,
+                                    zero_shot=with_zs)
                     correct, total = correct + r.correct, total + r.total
+                    zs_correct += r.zero_shot_correct or 0
                     offset += task.num_classes
                 row = [100.0 * correct / max(total, 1)]
+                if with_zs:
+                    zs_row = [100.0 * zs_correct / max(total, 1)]
             else:
                 row, confusion = [], []
                 for j, task in enumerate(self.seq.tasks + self.seq.held_out):
                     r = ev.evaluate(task, label_set(task, self.cfg.eval.templates), mode=kind,
                                     oracle_route=self._oracle_route(j, trained) if j < len(self.seq.tasks) else -1,
-                                    selector=selector, decision=decision, trained=trained)
+                                    selector=selector, decision=decision, trained=trained, zero_shot=with_zs)
                     row.append(r.accuracy)
+                    if with_zs:
+                        zs_row.append(r.zero_shot_accuracy)
                     confusion.append(confusion_row(r, len(self.seq.tasks)))
                 self.progress.confusion[name] = confusion
             self.progress.rows.setdefault(name, []).append(row)
             if self.is_main:
-                log.info("after task %d [%s]: %s", t, name, " ".join(f"{a:.1f}" for a in row))
+                cols = ["seen classes"] if self.cfg.eval.cil else [x.name for x in self.seq.tasks + self.seq.held_out]
+                log.info("after task %d/%d (%s) [%s]: %s", trained, len(self.seq.tasks), self.seq.tasks[t].name,
+                         name, ", ".join(f"{c} {a:.1f}" for c, a in zip(cols, row)))
                 for j, a in enumerate(row):
-                    col = (self.seq.tasks + self.seq.held_out)[j].name if not self.cfg.eval.cil else "seen"
-                    self.writer.add_scalar(f"accuracy_{name}/{col}", a, t)
+                    self.writer.add_scalar(f"accuracy_{name}/{cols[j]}", a, t)
+        if zs_row:
+            self.progress.zero_shot.append(zs_row)
+        elif self.progress.zero_shot:  # full-ft: the row recorded before training
+            self.progress.zero_shot.append(list(self.progress.zero_shot[-1]))
+        if self.is_main:
+            self._warn_row(t)
+
+    def _full_ft_zero_shot(self) -> None:
+        """full-ft: the zero-shot row is the model's before any training (MTIL test sets; not for CIL)."""
+        if self.method != "full-ft" or self.cfg.eval.cil or self.progress.zero_shot or self.progress.task:
+            return
+        ev = self._evaluator()
+        row = [ev.evaluate(task, label_set(task, self.cfg.eval.templates), mode="oracle", oracle_route=-1).accuracy
+               for task in self.seq.tasks + self.seq.held_out]
+        self.progress.zero_shot.append(row)
+
+    def _warn_row(self, t: int) -> None:
+        """Console lines a person should not miss: a learned task now below zero-shot, weak DDAS routing."""
+        from ..evaluation.report import ROUTING_WARN_BELOW, routing_accuracy
+        names = [x.name for x in self.seq.tasks]
+        zs = self.progress.zero_shot[-1] if self.progress.zero_shot else None
+        oracle = self.progress.rows.get("oracle", [[]])[-1] if "oracle" in self.progress.rows else None
+        if zs is not None and oracle is not None and not self.cfg.eval.cil:
+            for j in range(t + 1):
+                if oracle[j] < zs[j]:
+                    log.warning("task %d (%s) ends at %.1f%% after task %d, below the zero-shot backbone's %.1f%%: "
+                                "training made it worse than no training", j + 1, names[j], oracle[j], t + 1, zs[j])
+        elif zs is not None and oracle is not None and oracle[0] < zs[0]:
+            log.warning("after task %d the seen-class accuracy %.1f%% is below the zero-shot backbone's %.1f%%",
+                        t + 1, oracle[0], zs[0])
+        conf = self.progress.confusion.get("agnostic")
+        if conf and not self.cfg.eval.cil:
+            acc = routing_accuracy(conf, len(self.seq.tasks), trained=t + 1)
+            if acc is not None and acc < ROUTING_WARN_BELOW:
+                log.warning("task-agnostic routing after task %d: %.1f%% of test images went to their own task's "
+                            "route (below %.0f%%): DDAS separates domains, not classes cut from one domain; read "
+                            "the agnostic rows with care (docs/metrics.md, 'Routing')", t + 1, acc,
+                            ROUTING_WARN_BELOW)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def _save(self, task_end: bool, optimizer=None) -> None:
@@ -763,7 +847,8 @@ class ContinualTrainer:
             self.selector = sel.to(self.device) if getattr(sel, "reads_images", False) else sel
         self._resume_path = path if not state["task_end"] else None
         if self.is_main:
-            log.info("resumed from %s (task %d, step %d)", path, self.progress.task, self.progress.step)
+            log.info("resumed from %s (%d task(s) done, step %d of the next)", path, self.progress.task,
+                     self.progress.step)
 
     def _load_optimizer(self, optimizer) -> dict[str, torch.Tensor]:
         """Mid-task resume: optimizer state; returns the RNG state as it was when the checkpoint was taken."""
@@ -802,6 +887,11 @@ class ContinualTrainer:
                                                names=None if kind == "cil" else names + held,
                                                num_tasks=None if kind == "cil" else len(names))
         method = METHOD_NAMES[self.method]
+        zs = self.progress.zero_shot[: len(next(iter(self.progress.rows.values()), []))]
+        if zs and method != "zero-shot":  # every report carries the untouched backbone's row
+            report["methods"]["zero-shot"] = {"oracle": build_method_entry(
+                [r[0] for r in zs] if kind == "cil" else zs, kind,
+                names=None if kind == "cil" else names + held, num_tasks=None if kind == "cil" else len(names))}
         main = {m: e for m, e in entries.items() if m in ("oracle", "agnostic")}
         report["methods"][method] = main
         if "agnostic-reference" in entries:
