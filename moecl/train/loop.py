@@ -30,6 +30,7 @@ from ..model.clip import MoECLIP
 from ..model.state import load_adapter_state, save_adapter_state
 from ..runtime import DistInfo, init_distributed
 from . import checkpoint as ckpt
+from . import cluster, reshard
 from .faults import maybe_kill, nan_here, resources
 from .engine import autocast_dtype, build_engine, ds_config, lr_at, micro_batch
 
@@ -75,12 +76,13 @@ class ContinualTrainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path, resume: Optional[str] = None):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
-        self.info: DistInfo = init_distributed(cfg.runtime.device)
+        self.info: DistInfo = init_distributed(cfg.runtime.device, cfg.runtime.collective_timeout_s)
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.device = self.info.device
         self.method = cfg.train.method
         self._setup_run_dir()
+        self.rank_log = cluster.RankLog(self.run_dir, self.info, {"ep_size": cfg.moe.ep_size})
         self.seq: Sequence = load_sequence(cfg.data.root, cfg.data.sequence)
         if not self.seq.tasks:
             raise MoeclError(f"sequence {self.seq.name!r} names no tasks")
@@ -108,6 +110,7 @@ class ContinualTrainer:
         return self.info.is_main
 
     def _setup_run_dir(self) -> None:
+        cluster.check_shared_run_dir(self.run_dir, self.info)  # every node sees the same folder, or stop now
         cfg_path = self.run_dir / "config.yaml"
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,6 +265,7 @@ class ContinualTrainer:
                 if bar is not None:
                     bar.update(1)
             del batches
+            self.rank_log.train_pass(t, step0, end - step0, getattr(stream, "shards", {}))
             if cfg.train.checkpoint_every and self.progress.step < total:
                 self._save(task_end=False, optimizer=optimizer)
         if bar is not None:
@@ -352,8 +356,10 @@ class ContinualTrainer:
     def _evaluate_row(self, t: int) -> None:
         ev = self._evaluator()
         trained = t + 1
+        read: dict[str, Any] = {}
         for mode in self.eval_modes():
             name, kind, selector, decision = mode.name, mode.kind, mode.selector, mode.decision
+            ev.read = read[name] = {}
             if self.cfg.eval.cil:
                 seen = self.seq.tasks[:trained]
                 labels = cil_label_set(seen, self.cfg.eval.templates)
@@ -380,6 +386,7 @@ class ContinualTrainer:
                 for j, a in enumerate(row):
                     col = (self.seq.tasks + self.seq.held_out)[j].name if not self.cfg.eval.cil else "seen"
                     self.writer.add_scalar(f"accuracy_{name}/{col}", a, t)
+        self.rank_log.eval_row(t, read)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def _save(self, task_end: bool, optimizer=None) -> None:
@@ -409,6 +416,7 @@ class ContinualTrainer:
         if optimizer is not None:  # mid-task: optimizer and RNG of every rank
             rank = self.info.rank
             ckpt.save_nested(optimizer.state_dict(), tmp, f"optimizer-rank{rank}")
+            reshard.save_names(tmp, rank, self.model, optimizer)  # lets it resume on another cluster shape
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
@@ -433,9 +441,14 @@ class ContinualTrainer:
         if problem:
             raise CheckpointError(f"{path} is not a valid checkpoint: {problem}")
         state = json.loads((path / "trainer.json").read_text())
-        if not state["task_end"] and state["world_size"] != self.info.world_size:
-            raise CheckpointError(f"{path} is a mid-task checkpoint of {state['world_size']} rank(s); resume it "
-                                  f"with the same number of ranks (task-end checkpoints load at any size)")
+        self._saved_shape = (state["world_size"], state.get("ep_size", 1))
+        reshape = self._saved_shape != (self.info.world_size, self.cfg.moe.ep_size)
+        if not state["task_end"] and reshape and not (reshard.can_reshard(path, state["world_size"])
+                                                      and not self.ds.get("zero_optimization", {}).get("stage")):
+            raise CheckpointError(f"{path} is a mid-task checkpoint of {state['world_size']} rank(s) at moe.ep_size="
+                                  f"{self._saved_shape[1]} that cannot be re-sharded (ZeRO stage > 0, or written "
+                                  "by an older moecl); resume it with the same ranks and ep_size, or resume from "
+                                  "its task-end checkpoint (those load at any size)")
         self.progress = Progress(**state["progress"])
         if (path / "adapters").is_dir():
             load_adapter_state(self.model, path / "adapters")
@@ -449,21 +462,49 @@ class ContinualTrainer:
         self._resume_path = path if not state["task_end"] else None
         if self.is_main:
             log.info("resumed from %s (task %d, step %d)", path, self.progress.task, self.progress.step)
+            if reshape:
+                log.info("resumed on another cluster shape: %s", self._shape_change(state))
+
+    def _shape_change(self, state: dict[str, Any]) -> str:
+        """The log line of a resume on another cluster shape: what changed, and where the data stands."""
+        (w0, ep0), w1, ep1 = self._saved_shape, self.info.world_size, self.cfg.moe.ep_size
+        n = self.cfg.moe.num_experts
+        per_rank = lambda w: self.cfg.data.batch_size // (w * self.cfg.train.grad_accum)  # noqa: E731
+        t, step = self.progress.task, self.progress.step
+        if t < len(self.seq.tasks):
+            total = self.iterations(t)
+            where = (f"task {t} ({self.seq.tasks[t].name}) continues at step {step} of {total}" if step else
+                     f"task {t} ({self.seq.tasks[t].name}) starts at step 0")
+        else:
+            where = "every task is done"
+        optimizer = ("optimizer state of every rank merged by parameter name and re-sharded"
+                     if not state["task_end"] else "no optimizer state (a task end)")
+        return (f"world size {w0} -> {w1} rank(s); expert sharding moe.ep_size {ep0} -> {ep1} ({n // ep0} -> "
+                f"{n // ep1} of {n} experts per rank); data position: {where}, its training stream now split "
+                f"over {w1} rank(s) with {per_rank(w1)} samples per rank per step (was {w0} x {per_rank(w0)}), "
+                f"so the remaining batches differ from an uninterrupted run of the old shape; {optimizer}")
 
     def _load_optimizer(self, optimizer) -> None:
         """Mid-task resume: optimizer state, then the RNG exactly as it was when the checkpoint was taken."""
         path = getattr(self, "_resume_path", None)
         if path is None:
             raise CheckpointError("internal: mid-task resume without a checkpoint")
-        if hasattr(optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: a list indexed by data-parallel rank
+        saved_world, saved_ep = getattr(self, "_saved_shape", (self.info.world_size, self.cfg.moe.ep_size))
+        if (saved_world, saved_ep) != (self.info.world_size, self.cfg.moe.ep_size):
+            reshard.load_resharded(optimizer, self.model, path, saved_world)
+        elif hasattr(optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: a list indexed by data-parallel rank
             optimizer.load_state_dict([ckpt.load_nested(path, f"optimizer-rank{r}")
                                        for r in range(self.info.world_size)])
         else:
             optimizer.load_state_dict(ckpt.load_nested(path, f"optimizer-rank{self.info.rank}"))
-        rng = ckpt.load_nested(path, f"rng-rank{self.info.rank}")
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        if self.info.rank < saved_world:
+            rng = ckpt.load_nested(path, f"rng-rank{self.info.rank}")
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        else:  # a rank the old shape did not have: a seed of its own
+            torch.manual_seed(_stable_seed(self.cfg.train.seed, "task", self.progress.task, self.info.rank,
+                                           self.progress.step) % 2**63)
         self._resume_path = None
 
     # ---- report ----------------------------------------------------------------------------------------
@@ -509,5 +550,17 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+    def where(self) -> str:
+        t = self.progress.task
+        name = f" ({self.seq.tasks[t].name})" if t < len(self.seq.tasks) else ""
+        return f"task {t}{name} step {self.progress.step}"
+
+
 def train(cfg: Config, run_dir: str | Path, resume: Optional[str] = None) -> dict[str, Any]:
-    return ContinualTrainer(cfg, run_dir, resume).run()
+    """The whole sequence; a rank that stops answering ends every rank with a message naming it."""
+    info = init_distributed(cfg.runtime.device, cfg.runtime.collective_timeout_s)
+    trainer: Optional[ContinualTrainer] = None
+    with cluster.PeerWatch(info, cfg.runtime.collective_timeout_s,
+                           where=lambda: trainer.where() if trainer is not None else "start-up"):
+        trainer = ContinualTrainer(cfg, run_dir, resume)
+        return trainer.run()
