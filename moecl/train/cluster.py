@@ -151,6 +151,10 @@ class PeerWatch:
         if isinstance(exc, MoeclError) or not isinstance(exc, Exception):
             return False
         silent = self.silent_ranks()
+        try:
+            where = self.where()
+        except Exception:  # noqa: BLE001 - a message must come out whatever state the run is in
+            where = "the run"
         cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         tail = (f"Every rank stops (a collective waits at most runtime.collective_timeout_s={self.timeout_s:g} s). "
                 "When the node is back, start the same command on every node with --resume auto: it continues "
@@ -158,11 +162,11 @@ class PeerWatch:
         if silent is None:
             host = os.environ.get("MASTER_ADDR", "?")
             raise RankLostError(f"the node holding the rendezvous store ({host}; rank 0's node) stopped answering "
-                                f"during {self.where()} ({cause}). {tail}") from None
+                                f"during {where} ({cause}). {tail}") from None
         if not silent:
             return False  # every peer is alive: a real error, shown as it is
         names = ", ".join(describe(self.peers[r]) if self.peers else f"rank {r}" for r in silent)
-        raise RankLostError(f"{names} stopped answering during {self.where()}: its process or node is gone, or it "
+        raise RankLostError(f"{names} stopped answering during {where}: its process or node is gone, or it "
                             f"stalled ({cause}). {tail}") from None
 
 

@@ -1,7 +1,7 @@
 """Fault injection for the fault-tolerance tests: ``MOECL_FAULT=ACTION@POINT[:TASK[:STEP]]``.
 
-ACTION is ``kill`` (SIGKILL this process, like an OOM killer or a preempted node) or ``nan`` (the loss becomes
-NaN). POINT is ``step`` (after backward, before the optimizer step), ``checkpoint`` (files written, manifest
+ACTION is ``kill`` (SIGKILL this process, like an OOM killer or a preempted node), ``stop`` (SIGSTOP: a rank
+that hangs without dying) or ``nan`` (the loss becomes NaN). POINT is ``step`` (after backward, before the optimizer step), ``checkpoint`` (files written, manifest
 not yet), ``between`` (after a task-end checkpoint, before the next task) or ``ddas`` (in the DDAS stage).
 ``MOECL_FAULT_RANK`` limits it to one rank. Unset: nothing happens (one environment lookup per call).
 """
@@ -31,8 +31,11 @@ def _matches(point: str, task: Optional[int], step: Optional[int], rank: int) ->
 
 
 def maybe_kill(point: str, task: Optional[int] = None, step: Optional[int] = None, rank: int = 0) -> None:
-    if _matches(point, task, step, rank) == "kill":
+    action = _matches(point, task, step, rank)
+    if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def nan_here(task: int, step: int, rank: int = 0) -> bool:

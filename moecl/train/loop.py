@@ -149,6 +149,12 @@ class ContinualTrainer:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
 
+    def where(self) -> str:
+        """Where the run stands, for messages: task, its name, step."""
+        t = self.progress.task
+        name = f" ({self.seq.tasks[t].name})" if t < len(self.seq.tasks) else ""
+        return f"task {t}{name} step {self.progress.step}"
+
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         start = time.time()
@@ -548,12 +554,6 @@ class ContinualTrainer:
 def _peak_rss() -> int:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-    def where(self) -> str:
-        t = self.progress.task
-        name = f" ({self.seq.tasks[t].name})" if t < len(self.seq.tasks) else ""
-        return f"task {t}{name} step {self.progress.step}"
 
 
 def train(cfg: Config, run_dir: str | Path, resume: Optional[str] = None) -> dict[str, Any]:
