@@ -81,5 +81,10 @@ def init_distributed(requested_device: str = "auto", timeout_s: Optional[float] 
         if device.type == "cuda":
             torch.cuda.set_device(device)
         timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=10)
+        if timeout_s:
+            # groups DeepSpeed creates later (expert parallel, expert data parallel) get torch's process default
+            # (30 min for gloo), not the timeout given here: make that default the same bound
+            import torch.distributed.distributed_c10d as c10d
+            c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)

@@ -6,6 +6,7 @@ give the same report and adapters (CPU, deterministic), a disjoint equal split o
 (``ranks/rank-NNNNN.jsonl``), survive losing a node, and resume on another cluster shape.
 """
 import json
+import re
 import os
 import shutil
 import signal
@@ -338,6 +339,7 @@ def test_a_node_dies_the_other_stops_naming_it_and_resume_continues(world, refer
     snapshot, elapsed, text, lost, code = killed_run
     assert code != 0
     assert elapsed < 60, f"the first node took {elapsed:.0f} s to stop"
+    print(f"the first node stopped {elapsed:.1f} s after the second was killed")  # shown with pytest -s
     assert f"rank {lost} (node " in text and "stopped answering" in text, text[-3000:]
     assert "--resume auto" in text
     assert latest_valid(snapshot).name.startswith("step-000-")  # killed mid-task
@@ -348,47 +350,105 @@ def test_a_node_dies_the_other_stops_naming_it_and_resume_continues(world, refer
     assert_same_as_reference(run, reference)  # same shape, deterministic: exactly the uninterrupted run
 
 
-# Resuming on another shape re-splits the rest of the data (another per-rank batch, another shard split) and
-# runs the experts through another path (local vs all-to-all), so the finished run is not bit-equal to an
-# uninterrupted one. Tolerance: every accuracy cell within 2 test samples of 64 (3.125 points), and the final
-# adapters closer to the uninterrupted run's than a quarter of how far training moved them.
+# Resuming on another shape re-splits the rest of the data (another per-rank batch, another shard split) and runs
+# the experts through another path (local experts vs all-to-all), so the finished run is not bit-equal to an
+# uninterrupted one; neither are the two uninterrupted shapes to each other (with the experts sharded, each rank
+# initialises only its own experts, so even the initial expert weights differ). Tolerance: every accuracy cell
+# within 2 test samples of 64 (3.125 points) of the uninterrupted run of the shape the run started on, and the
+# trained adapters (up projections, biases, routers) nearer to that run than the two uninterrupted shapes are to
+# each other. (The tiny random-init backbone keeps accuracy near chance, so the weights carry the comparison.)
 CELL_TOLERANCE = 2 * 100 / 64
+EP1 = [o for o in COMMON if not o.startswith("moe.ep_size")] + ["moe.ep_size=1"]
 
 
-def assert_close_to(run: Path, reference: Path) -> None:
-    ours, ref = _matrices(run), _matrices(reference)
+@pytest.fixture(scope="module")
+def reference_one_process(world, tmp_path_factory):
+    """The same config as 1 node x 1 process at moe.ep_size 1, uninterrupted."""
+    run = tmp_path_factory.mktemp("ref1") / "run"
+    run_train(run, world, *EP1, timeout=TIMEOUT)
+    return run
+
+
+def _trained_distance(a: dict, b: dict) -> float:
+    keys = [k for k in a if k.endswith(("up.weight", "up.bias")) or ".router." in k]
+    return sum(float((a[k] - b[k]).norm()) for k in keys)
+
+
+def assert_close_to(run: Path, start_shape: Path, other_shape: Path) -> None:
+    ours, ref = _matrices(run), _matrices(start_shape)
     for mode in ref:
         for r_ours, r_ref in zip(ours[mode], ref[mode]):
             assert all(abs(a - b) <= CELL_TOLERANCE for a, b in zip(r_ours, r_ref)), (mode, ours[mode], ref[mode])
-    a, b = _adapters(run), _adapters(reference)
-    init = {k: v for k, v in load_file(str(reference / "checkpoints" / "task-000" / "adapters" /
-                                           "adapters.safetensors")).items()}
-    keys = [k for k in a if ".experts." in k and k in init]
-    moved = sum(float((b[k] - init[k]).norm()) for k in keys)
-    apart = sum(float((a[k] - b[k]).norm()) for k in keys)
-    assert moved > 0 and apart < 0.25 * moved, (apart, moved)
+    resumed, start, other = _adapters(run), _adapters(start_shape), _adapters(other_shape)
+    assert _trained_distance(resumed, start) < _trained_distance(start, other), (
+        _trained_distance(resumed, start), _trained_distance(start, other))
 
 
-def test_resume_two_nodes_ep2_on_one_process_ep1(world, reference, killed_run, tmp_path):
+def _restored_all(log: str) -> None:
+    m = re.search(r"optimizer state re-sharded by parameter name: (\d+) of (\d+) parameters restored", log)
+    assert m and int(m.group(1)) == int(m.group(2)) > 0, m and m.group(0)
+
+
+def test_resume_two_nodes_ep2_on_one_process_ep1(world, reference, reference_one_process, killed_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(killed_run[0], run)
-    overrides = [o for o in COMMON if not o.startswith("moe.ep_size")] + ["moe.ep_size=1"]
-    run_train(run, world, *overrides, resume="auto", timeout=TIMEOUT)
+    assert latest_valid(run).name == "step-000-0000004"
+    run_train(run, world, *EP1, resume="auto", timeout=TIMEOUT)
     log = (run / "train.log").read_text()
     assert ("resumed on another cluster shape: world size 2 -> 1 rank(s); expert sharding moe.ep_size 2 -> 1 "
-            "(2 -> 4 of 4 experts per rank); data position: task 0 (shapes) continues at step 4 of 8") in log
-    assert "optimizer state of every rank merged by parameter name" in log
-    assert_close_to(run, reference)
+            "(2 -> 4 of 4 experts per rank); data position: task 0 (shapes) continues at step 4 of 8, its training "
+            "stream now split over 1 rank(s) with 32 samples per rank per step (was 2 x 16)") in log
+    _restored_all(log)
+    assert_close_to(run, reference, reference_one_process)
 
 
-def test_resume_one_process_ep1_on_two_nodes_ep2(world, reference, tmp_path):
+def test_resume_one_process_ep1_on_two_nodes_ep2(world, reference, reference_one_process, tmp_path):
     run = tmp_path / "run"
-    ep1 = [o for o in COMMON if not o.startswith("moe.ep_size")] + ["moe.ep_size=1"]
-    proc = subprocess.run(train_cmd(run, world, *ep1), env=cpu_env(MOECL_FAULT="kill@step:0:5"), cwd=ROOT,
+    proc = subprocess.run(train_cmd(run, world, *EP1), env=cpu_env(MOECL_FAULT="kill@step:0:5"), cwd=ROOT,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert latest_valid(run).name == "step-000-0000004"
     assert wait_all(torchrun_nodes(run, world, tmp_path, resume="auto")) == [0, 0]
     log = (run / "train.log").read_text()
-    assert "resumed on another cluster shape: world size 1 -> 2 rank(s); expert sharding moe.ep_size 1 -> 2" in log
-    assert_close_to(run, reference)
+    assert ("resumed on another cluster shape: world size 1 -> 2 rank(s); expert sharding moe.ep_size 1 -> 2 "
+            "(4 -> 2 of 4 experts per rank); data position: task 0 (shapes) continues at step 4 of 8") in log
+    _restored_all(log)
+    assert_close_to(run, reference_one_process, reference)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_a_stalled_rank_ends_the_run_after_the_collective_timeout_naming_it(world, tmp_path):
+    # rank 1 stops (SIGSTOP: alive, connections open, never answering) at task 0 step 1; the other rank waits
+    # runtime.collective_timeout_s in its collective, then stops with a message naming rank 1
+    timeout_s = 30
+    run = tmp_path / "run"
+    nodes = torchrun_nodes(run, world, tmp_path, overrides=[*COMMON, f"runtime.collective_timeout_s={timeout_s}"],
+                           env={"MOECL_FAULT": "stop@step:0:1", "MOECL_FAULT_RANK": "1"})
+    try:
+        deadline, stopped_at, pid1 = time.time() + TIMEOUT, None, None
+        while time.time() < deadline and stopped_at is None and all(n.proc.poll() is None for n in nodes):
+            logs = _rank_logs(run) if (run / "ranks").is_dir() else {}
+            pid1 = logs[1][0]["pid"] if 1 in logs else None
+            if pid1 is not None and _state(pid1) == "T":
+                stopped_at = time.time()
+            time.sleep(0.1)
+        assert stopped_at is not None, "rank 1 never stopped:\n" + nodes[0].text()[-2000:] + nodes[1].text()[-2000:]
+        survivor = next(n for n in nodes if pid1 not in n.pids())
+        survivor.proc.wait(timeout=timeout_s + 120)
+        elapsed = time.time() - stopped_at
+    finally:
+        for n in nodes:
+            n.kill()
+    text = survivor.text()
+    assert survivor.proc.returncode != 0
+    # rank 1 stopped inside step 1; the other rank finished that step and waits in step 2's first collective
+    assert "rank 1 (node " in text and "stopped answering during task 0 (shapes) step 2" in text, text[-3000:]
+    assert f"runtime.collective_timeout_s={timeout_s} s" in text
+    # it was the configured timeout that ended the wait (not DeepSpeed's 10 minutes, not a closed connection)
+    assert timeout_s - 2 <= elapsed <= timeout_s + 60, elapsed

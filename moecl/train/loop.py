@@ -469,26 +469,10 @@ class ContinualTrainer:
         if self.is_main:
             log.info("resumed from %s (task %d, step %d)", path, self.progress.task, self.progress.step)
             if reshape:
-                log.info("resumed on another cluster shape: %s", self._shape_change(state))
-
-    def _shape_change(self, state: dict[str, Any]) -> str:
-        """The log line of a resume on another cluster shape: what changed, and where the data stands."""
-        (w0, ep0), w1, ep1 = self._saved_shape, self.info.world_size, self.cfg.moe.ep_size
-        n = self.cfg.moe.num_experts
-        per_rank = lambda w: self.cfg.data.batch_size // (w * self.cfg.train.grad_accum)  # noqa: E731
-        t, step = self.progress.task, self.progress.step
-        if t < len(self.seq.tasks):
-            total = self.iterations(t)
-            where = (f"task {t} ({self.seq.tasks[t].name}) continues at step {step} of {total}" if step else
-                     f"task {t} ({self.seq.tasks[t].name}) starts at step 0")
-        else:
-            where = "every task is done"
-        optimizer = ("optimizer state of every rank merged by parameter name and re-sharded"
-                     if not state["task_end"] else "no optimizer state (a task end)")
-        return (f"world size {w0} -> {w1} rank(s); expert sharding moe.ep_size {ep0} -> {ep1} ({n // ep0} -> "
-                f"{n // ep1} of {n} experts per rank); data position: {where}, its training stream now split "
-                f"over {w1} rank(s) with {per_rank(w1)} samples per rank per step (was {w0} x {per_rank(w0)}), "
-                f"so the remaining batches differ from an uninterrupted run of the old shape; {optimizer}")
+                t = self.progress.task
+                total = self.iterations(t) if t < len(self.seq.tasks) else 0
+                log.info("resumed on another cluster shape: %s", reshard.shape_change(
+                    self.cfg, self._saved_shape, self.info.world_size, self.where(), total, state["task_end"]))
 
     def _load_optimizer(self, optimizer) -> None:
         """Mid-task resume: optimizer state, then the RNG exactly as it was when the checkpoint was taken."""
@@ -497,7 +481,10 @@ class ContinualTrainer:
             raise CheckpointError("internal: mid-task resume without a checkpoint")
         saved_world, saved_ep = getattr(self, "_saved_shape", (self.info.world_size, self.cfg.moe.ep_size))
         if (saved_world, saved_ep) != (self.info.world_size, self.cfg.moe.ep_size):
-            reshard.load_resharded(optimizer, self.model, path, saved_world)
+            restored = reshard.load_resharded(optimizer, self.model, path, saved_world)
+            total = sum(len(g["params"]) for g in optimizer.param_groups)
+            if self.is_main:
+                log.info("optimizer state re-sharded by parameter name: %d of %d parameters restored", restored, total)
         elif hasattr(optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: a list indexed by data-parallel rank
             optimizer.load_state_dict([ckpt.load_nested(path, f"optimizer-rank{r}")
                                        for r in range(self.info.world_size)])

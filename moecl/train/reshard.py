@@ -66,3 +66,22 @@ def load_resharded(optimizer, model, folder: Path, saved_world: int) -> int:
     target["state"] = {i: merged[n] for i, n in zip(order, names) if n in merged}
     optimizer.load_state_dict(target)
     return len(target["state"])
+
+
+def shape_change(cfg, saved: tuple[int, int], world: int, where: str, total: int, task_end: bool) -> str:
+    """The log line of a resume on another cluster shape: what changed, and where the data stands.
+
+    ``saved``: (world size, ep_size) of the checkpoint; ``where``: "task T (name) step S"; ``total``: that
+    task's steps (0 when every task is done)."""
+    (w0, ep0), ep1, n = saved, cfg.moe.ep_size, cfg.moe.num_experts
+    per_rank = lambda w: cfg.data.batch_size // (w * cfg.train.grad_accum)  # noqa: E731
+    head, _, step = where.rpartition(" step ")
+    position = (f"{head} continues at step {step} of {total}" if total and step != "0" else
+                f"{head} starts at step 0" if total else "every task is done")
+    optimizer = ("optimizer state of every rank merged by parameter name and re-sharded" if not task_end
+                 else "no optimizer state to move (a task end)")
+    stream = (f", its training stream now split over {world} rank(s) with {per_rank(world)} samples per rank per "
+              f"step (was {w0} x {per_rank(w0)}), so the remaining batches differ from an uninterrupted run of the "
+              "old shape" if total else "")
+    return (f"world size {w0} -> {world} rank(s); expert sharding moe.ep_size {ep0} -> {ep1} ({n // ep0} -> "
+            f"{n // ep1} of {n} experts per rank); data position: {position}{stream}; {optimizer}")
