@@ -12,7 +12,7 @@ HOSTFILE=${HOSTFILE:-launch/hostfile.example}
 ARGS=(--hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}")
 if [ -n "${NODE_RANK:-}" ]; then
   ARGS+=(--no_ssh --node_rank "$NODE_RANK"
-         --master_addr "${MASTER_ADDR:?MASTER_ADDR: the address of the hostfile's first host, e.g. node001}")
+         --master_addr "${MASTER_ADDR:?MASTER_ADDR: the address of the first host in the hostfile, e.g. node001}")
 elif [ -n "${MASTER_ADDR:-}" ]; then
   ARGS+=(--master_addr "$MASTER_ADDR")
 fi
