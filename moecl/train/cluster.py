@@ -144,13 +144,23 @@ class PeerWatch:
         return [r for r, a, b in zip(ranks, before, after) if a == b]
 
     # -- the error path -----------------------------------------------------------------------------------
-    def __exit__(self, kind, exc, tb) -> bool:
+    def stop(self) -> None:
+        """Stop beating and wait for the thread: a daemon thread still inside a store call when the interpreter
+        exits is ended by pthread_exit inside C++ code, which aborts the process ("terminate called ...")."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * BEAT_S)
+            self._thread = None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        self.stop()
         if exc is None or self.info.world_size == 1 or self._store is None:
+            self._store = None
             return False
         if isinstance(exc, MoeclError) or not isinstance(exc, Exception):
             return False
         silent = self.silent_ranks()
+        self._store = None
         try:
             where = self.where()
         except Exception:  # noqa: BLE001 - a message must come out whatever state the run is in

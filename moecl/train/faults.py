@@ -1,8 +1,9 @@
 """Fault injection for the fault-tolerance tests: ``MOECL_FAULT=ACTION@POINT[:TASK[:STEP]]``.
 
 ACTION is ``kill`` (SIGKILL this process, like an OOM killer or a preempted node), ``stop`` (SIGSTOP: a rank
-that hangs without dying) or ``nan`` (the loss becomes NaN). POINT is ``step`` (after backward, before the optimizer step), ``checkpoint`` (files written, manifest
-not yet), ``between`` (after a task-end checkpoint, before the next task) or ``ddas`` (in the DDAS stage).
+that hangs without dying) or ``nan`` (the loss becomes NaN). POINT is ``step`` (after backward, before the
+optimizer step), ``checkpoint`` (files written, manifest not yet), ``between`` (after a task-end checkpoint,
+before the next task) or ``ddas`` (in the DDAS stage).
 ``MOECL_FAULT_RANK`` limits it to one rank. Unset: nothing happens (one environment lookup per call).
 """
 from __future__ import annotations
