@@ -188,6 +188,9 @@ class RuntimeConfig(_Section):
     log_every: int = Field(10, ge=1, description="TensorBoard scalar interval in steps")
     progress: bool = Field(True, description="progress bars on rank 0 (when its stderr is a terminal)")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads per process")
+    collective_timeout_s: float = Field(
+        300.0, gt=0, description="seconds a rank waits in a collective for the others before the run stops, "
+                                 "naming the rank that stopped answering")
 
 
 class Config(_Section):

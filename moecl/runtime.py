@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 
@@ -52,11 +54,12 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(requested_device: str = "auto") -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (idempotent).
+def init_distributed(requested_device: str = "auto", timeout_s: Optional[float] = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent: the first call's settings hold).
 
     A plain ``python`` process becomes a world of one on a free local port, so DeepSpeed's
-    expert-parallel groups exist in every mode.
+    expert-parallel groups exist in every mode. ``timeout_s`` bounds how long a collective waits for a
+    rank that stopped answering (``runtime.collective_timeout_s``; DeepSpeed's default is 10 minutes).
     """
     configure_accelerator_env()
     import deepspeed
@@ -77,5 +80,11 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
                               MASTER_PORT=str(_free_port()))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=10)
+        if timeout_s:
+            # groups DeepSpeed creates later (expert parallel, expert data parallel) get torch's process default
+            # (30 min for gloo), not the timeout given here: make that default the same bound
+            import torch.distributed.distributed_c10d as c10d
+            c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)

@@ -318,10 +318,16 @@ class _Batches:
 
 
 class TrainStream(_Batches):
-    """Infinite ``(images [B,3,H,W] float, labels [B] long)`` batches (captions: a list of str)."""
+    """Infinite ``(images [B,3,H,W] float, labels [B] long)`` batches (captions: a list of str).
+
+    ``shards``: samples yielded so far in this pass, per shard name (which shards this rank trained on)."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        self.shards: dict[str, int] = {}
         for item in self._items():
+            for key in item["keys"]:
+                name = key.split("/", 1)[0]
+                self.shards[name] = self.shards.get(name, 0) + 1
             yield item["images"], item["targets"]
 
 

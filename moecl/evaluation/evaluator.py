@@ -79,6 +79,7 @@ class Evaluator:
         # with experts sharded over ranks every forward is a collective: every rank must run the same ones
         self.collective_routes = collective_routes
         self._heads: dict[tuple[str, int], torch.Tensor] = {}
+        self.read: dict[str, dict[str, int]] = {}  # "task/split" -> samples this rank read per shard
 
     def head(self, labels: LabelSet, route: int) -> torch.Tensor:
         """[D, C] normalised class embeddings of ``labels`` through route ``route``'s text adapters."""
@@ -117,7 +118,11 @@ class Evaluator:
         if self.collective_routes:  # heads of every route first, in the same order on every rank
             for r in [ZERO_SHOT, *range(trained)]:
                 self.head(labels, r)
-        for images, targets, _ in stream:
+        read = self.read.setdefault(f"{task.name}/{split}", {})
+        for images, targets, keys in stream:
+            for key in keys:
+                if key:  # padding rows of equal-batch streams have no key
+                    read[key.split("/", 1)[0]] = read.get(key.split("/", 1)[0], 0) + 1
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device)
             with self.autocast():

@@ -1,6 +1,6 @@
 """Fault injection for the fault-tolerance tests: ``MOECL_FAULT=ACTION@POINT[:TASK[:STEP]][,...]``.
 
-ACTION is ``kill`` (SIGKILL this process, like an OOM killer or a preempted node), ``term`` / ``int`` (send it
+ACTION is ``kill`` (SIGKILL this process, like an OOM killer or a preempted node), ``stop`` (SIGSTOP: a rank that hangs without dying), ``term`` / ``int`` (send it
 SIGTERM, as a scheduler preempting it, or SIGINT, as Ctrl-C) or ``nan`` (the loss becomes NaN). POINT is
 ``step`` (after backward, before the optimizer step), ``checkpoint`` (files written, manifest not yet), ``between`` (after a task-end checkpoint, before the next task) or ``ddas`` (in the DDAS stage).
 ``MOECL_FAULT_RANK`` limits it to one rank. Unset: nothing happens (one environment lookup per call).
@@ -34,7 +34,7 @@ def _matches(point: str, task: Optional[int], step: Optional[int], rank: int) ->
     return found
 
 
-SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
+SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM, "int": signal.SIGINT}
 
 
 def maybe_kill(point: str, task: Optional[int] = None, step: Optional[int] = None, rank: int = 0) -> None:

@@ -33,6 +33,7 @@ from ..model.clip import MoECLIP
 from ..model.state import load_adapter_state, save_adapter_state
 from ..runtime import DistInfo, init_distributed
 from . import checkpoint as ckpt
+from . import cluster, reshard
 from .faults import maybe_kill, nan_here, resources
 from .identity import backbone_identity, check_checkpoint
 from .interrupt import Interrupted, StopRequest, interrupted_line
@@ -122,7 +123,7 @@ class ContinualTrainer:
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         self.allow_config_change = allow_config_change
         _check_resume_path(resume, self.run_dir)
-        self.info: DistInfo = init_distributed(cfg.runtime.device)
+        self.info: DistInfo = init_distributed(cfg.runtime.device, cfg.runtime.collective_timeout_s)
         created = not self.run_dir.exists()
         try:
             self._setup(cfg)
@@ -155,6 +156,7 @@ class ContinualTrainer:
 
     def _init_rest(self) -> None:
         cfg = self.cfg
+        self.rank_log = cluster.RankLog(self.run_dir, self.info, {"ep_size": cfg.moe.ep_size})
         self.backbone_id = backbone_identity(cfg)
         self.seq: Sequence = load_sequence(cfg.data.root, cfg.data.sequence, **data_options(cfg.data))
         if not self.seq.tasks:
@@ -193,6 +195,7 @@ class ContinualTrainer:
         """Rank 0: lock the folder, check a resume against the saved config, write config.yaml, open train.log.
         Its verdict reaches every rank, so a refusal stops them all (no rank left waiting at a barrier)."""
         problem = None
+        cluster.check_shared_run_dir(self.run_dir, self.info)  # every node sees the same folder, or stop now
         if self.is_main:
             try:
                 self._setup_run_dir_main()
@@ -289,6 +292,12 @@ class ContinualTrainer:
     def _barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
+
+    def where(self) -> str:
+        """Where the run stands, for messages: task, its name, step."""
+        t = self.progress.task
+        name = f" ({self.seq.tasks[t].name})" if t < len(self.seq.tasks) else ""
+        return f"task {t}{name} step {self.progress.step}"
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -453,6 +462,7 @@ class ContinualTrainer:
                     self._save(task_end=False, optimizer=optimizer)
                     self._interrupt()
             del batches
+            self.rank_log.train_pass(t, step0, end - step0, getattr(stream, "shards", {}))
             if cfg.train.checkpoint_every and self.progress.step < total:
                 self._save(task_end=False, optimizer=optimizer)
         if rng_later is not None:  # interrupted right at the task's last step
@@ -622,9 +632,11 @@ class ContinualTrainer:
         ev = self._evaluator()
         trained = t + 1
         zs_row: list[float] = []
+        read: dict[str, Any] = {}
         for k, mode in enumerate(self.eval_modes()):
             name, kind, selector, decision = mode.name, mode.kind, mode.selector, mode.decision
             with_zs = k == 0 and self._zero_shot_free()
+            ev.read = read[name] = {}
             if self.cfg.eval.cil:
                 seen = self.seq.tasks[:trained]
                 labels = cil_label_set(seen, self.cfg.eval.templates)
@@ -658,6 +670,7 @@ class ContinualTrainer:
                          name, ", ".join(f"{c} {a:.1f}" for c, a in zip(cols, row)))
                 for j, a in enumerate(row):
                     self.writer.add_scalar(f"accuracy_{name}/{cols[j]}", a, t)
+        self.rank_log.eval_row(t, read)
         if zs_row:
             self.progress.zero_shot.append(zs_row)
         elif self.progress.zero_shot:  # full-ft: the row recorded before training
@@ -735,6 +748,7 @@ class ContinualTrainer:
             if optimizer is not None:  # mid-task: optimizer and RNG of every rank
                 rank = self.info.rank
                 ckpt.save_nested(optimizer.state_dict(), tmp, f"optimizer-rank{rank}")
+                reshard.save_names(tmp, rank, self.model, optimizer)  # lets it resume on another cluster shape
                 rng = {"torch": torch.get_rng_state()}
                 if torch.cuda.is_available():
                     rng["cuda"] = torch.cuda.get_rng_state()
@@ -830,9 +844,14 @@ class ContinualTrainer:
         if problem:
             raise CheckpointError(f"{path} is not a valid checkpoint: {problem}")
         state = json.loads((path / "trainer.json").read_text())
-        if not state["task_end"] and state["world_size"] != self.info.world_size:
-            raise CheckpointError(f"{path} is a mid-task checkpoint of {state['world_size']} rank(s); resume it "
-                                  f"with the same number of ranks (task-end checkpoints load at any size)")
+        self._saved_shape = (state["world_size"], state.get("ep_size", 1))
+        reshape = self._saved_shape != (self.info.world_size, self.cfg.moe.ep_size)
+        if not state["task_end"] and reshape and not (reshard.can_reshard(path, state["world_size"])
+                                                      and not self.ds.get("zero_optimization", {}).get("stage")):
+            raise CheckpointError(f"{path} is a mid-task checkpoint of {state['world_size']} rank(s) at moe.ep_size="
+                                  f"{self._saved_shape[1]} that cannot be re-sharded (ZeRO stage > 0, or written "
+                                  "by an older moecl); resume it with the same ranks and ep_size, or resume from "
+                                  "its task-end checkpoint (those load at any size)")
         check_checkpoint(path, self.backbone_id, f"this run's config ({self.run_dir / 'config.yaml'})")
         self.progress = Progress(**state["progress"])
         if (path / "adapters").is_dir():
@@ -849,19 +868,35 @@ class ContinualTrainer:
         if self.is_main:
             log.info("resumed from %s (%d task(s) done, step %d of the next)", path, self.progress.task,
                      self.progress.step)
+            if reshape:
+                t = self.progress.task
+                total = self.iterations(t) if t < len(self.seq.tasks) else 0
+                log.info("resumed on another cluster shape: %s", reshard.shape_change(
+                    self.cfg, self._saved_shape, self.info.world_size, self.where(), total, state["task_end"]))
 
     def _load_optimizer(self, optimizer) -> dict[str, torch.Tensor]:
         """Mid-task resume: optimizer state; returns the RNG state as it was when the checkpoint was taken."""
         path = getattr(self, "_resume_path", None)
         if path is None:
             raise CheckpointError("internal: mid-task resume without a checkpoint")
-        if hasattr(optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: a list indexed by data-parallel rank
+        saved_world, saved_ep = getattr(self, "_saved_shape", (self.info.world_size, self.cfg.moe.ep_size))
+        if (saved_world, saved_ep) != (self.info.world_size, self.cfg.moe.ep_size):
+            restored = reshard.load_resharded(optimizer, self.model, path, saved_world)
+            total = sum(len(g["params"]) for g in optimizer.param_groups)
+            if self.is_main:
+                log.info("optimizer state re-sharded by parameter name: %d of %d parameters restored", restored, total)
+        elif hasattr(optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: a list indexed by data-parallel rank
             optimizer.load_state_dict([ckpt.load_nested(path, f"optimizer-rank{r}")
                                        for r in range(self.info.world_size)])
         else:
             optimizer.load_state_dict(ckpt.load_nested(path, f"optimizer-rank{self.info.rank}"))
         self._resume_path = None
-        return ckpt.load_nested(path, f"rng-rank{self.info.rank}")
+        if self.info.rank < saved_world:
+            return ckpt.load_nested(path, f"rng-rank{self.info.rank}")
+        gen = torch.Generator()  # a rank the old shape did not have: a seed of its own
+        gen.manual_seed(_stable_seed(self.cfg.train.seed, "task", self.progress.task, self.info.rank,
+                                     self.progress.step) % 2**63)
+        return {"torch": gen.get_state()}
 
     # ---- report ----------------------------------------------------------------------------------------
     def _report(self) -> dict[str, Any]:
@@ -913,4 +948,10 @@ def _peak_rss() -> int:
 
 def train(cfg: Config, run_dir: str | Path, resume: Optional[str] = None,
           allow_config_change: bool = False) -> dict[str, Any]:
-    return ContinualTrainer(cfg, run_dir, resume, allow_config_change).run()
+    """The whole sequence; a rank that stops answering ends every rank with a message naming it."""
+    info = init_distributed(cfg.runtime.device, cfg.runtime.collective_timeout_s)
+    trainer: Optional[ContinualTrainer] = None
+    with cluster.PeerWatch(info, cfg.runtime.collective_timeout_s,
+                           where=lambda: trainer.where() if trainer is not None else "start-up"):
+        trainer = ContinualTrainer(cfg, run_dir, resume, allow_config_change)
+        return trainer.run()
