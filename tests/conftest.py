@@ -18,3 +18,7 @@ torch.set_num_threads(1)
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process, kill-and-resume or large-backbone tests")

@@ -198,6 +198,7 @@ class ContinualTrainer:
         else:  # each task starts from its own seed, so a resume from a task end replays it exactly
             torch.manual_seed(_stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
         tokens = self.tokenizer([fill_template(task.train_template, c) for c in task.classnames]).to(self.device)
+        tokens = self.model.trim_prompts(tokens)  # once per task: to the longest prompt's EOT token (exact)
         text_task = t if self.method == "moe-adapters" else 0
         chunk = cfg.train.checkpoint_every or total
         bar = self._bar(task.name, total)
