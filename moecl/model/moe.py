@@ -1,6 +1,7 @@
 """One MoE-adapter site: a DeepSpeed ``MoE`` layer with our gate, routing per sample or per token."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -36,6 +37,7 @@ class MoEAdapter(MoE):
         self.num_experts = cfg.num_experts
         self.num_local_experts = cfg.num_experts // cfg.ep_size
         self.dim, self.routing = dim, cfg.routing
+        self.aux_loss_weight = cfg.aux_loss_weight
         expert = AdapterExpert(dim, cfg.width, cfg.dropout, cfg.scale)
         experts = GroupedExperts(expert, self.num_local_experts, self.expert_group_name)
         for i, ex in enumerate(experts.deepspeed_experts):  # independent kaiming draws per expert
@@ -112,8 +114,9 @@ class MoEAdapter(MoE):
 
     def _run_gathered(self, x, route_tokens, task_ids, single_task) -> torch.Tensor:
         """Experts local and nothing dropped: each sample's k adapters as two batched matmuls over that sample's
-        gathered expert weights (gates folded into the up-projection). Same routing and the same parameters as
-        the DeepSpeed dispatch, without its capacity padding (E x max-load rows for B x k routes)."""
+        gathered expert weights. Same routing and the same parameters as the DeepSpeed dispatch, without its
+        capacity padding (E x max-load rows for B x k routes), and without a host synchronisation: the
+        selection counts stay on the device."""
         gate = self.gate
         b, length, d = x.shape
         ids, single = (torch.zeros_like(task_ids), 0) if gate.shared_router else (task_ids, single_task)
@@ -125,24 +128,30 @@ class MoEAdapter(MoE):
         top, idx = probs.topk(gate.k, dim=1)  # [B, k], as DeepSpeed's topkgating selects
         g = top / top.sum(dim=1, keepdim=True).clamp(min=torch.finfo(top.dtype).eps)
         mask = torch.zeros_like(probs).scatter_(1, idx, 1.0)
-        self.l_aux = (probs.mean(0) * mask.mean(0)).mean() * self.num_experts * self.num_experts / gate.k
-        gate.last_counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+        counts = mask.sum(0)  # [E], exact in fp32 (a bincount would sync the host to size its output)
+        with contextlib.nullcontext() if self.aux_loss_weight else torch.no_grad():  # no graph when only logged
+            self.l_aux = (probs.mean(0) * (counts / b)).mean() * self.num_experts * self.num_experts / gate.k
+        gate.last_counts = counts.to(torch.long)
         if self.training and torch.is_grad_enabled() and not _in_backward():
             self.counts += gate.last_counts.to(self.counts.device)
         experts = self.local_experts
         first = experts[0]
         k, r, scale = gate.k, first.width, first.scale
-        w_down = torch.stack([e.down.weight for e in experts])  # [E, r, d]
-        b_down = torch.stack([e.down.bias for e in experts])  # [E, r]
-        w_up = torch.stack([e.up.weight for e in experts])  # [E, d, r]
-        b_up = torch.stack([e.up.bias for e in experts])  # [E, d]
-        gs = (g * scale).to(w_up.dtype)
-        wd = w_down[idx].reshape(b, k * r, d).transpose(1, 2)  # [B, d, k*r]
+        e = len(experts)
+        # down weights [E, r, d] and up weights transposed to [E, r, d] in one stack (a copy of the E experts,
+        # not of the B x k gathered ones), then one gather of both: [2, B*k, r*d], each half viewed [B, k*r, d]
+        w = torch.stack([ex.down.weight for ex in experts] + [ex.up.weight.t() for ex in experts])
+        w = w.view(2, e, r * d).index_select(1, idx.reshape(-1))
+        biases = torch.cat([ex.down.bias for ex in experts] + [ex.up.bias for ex in experts])
+        b_down, b_up = biases[:e * r].view(e, r), biases[e * r:].view(e, d)
+        gs = (g * scale).to(w.dtype)  # gate x scale of each (sample, expert), folded into the hidden units
+        wd = w[0].view(b, k * r, d).transpose(1, 2)  # [B, d, k*r]
+        wu = w[1].view(b, k * r, d)  # [B, k*r, d]
         bd = b_down[idx].reshape(b, 1, k * r)
-        wu = (w_up[idx] * gs[..., None, None]).transpose(2, 3).reshape(b, k * r, d)  # [B, k*r, d]
         bu = (b_up[idx] * gs[..., None]).sum(1, keepdim=True)  # [B, 1, d]
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         h = first.dropout(F.relu(torch.baddbmm(bd.to(dt), x.to(dt), wd.to(dt))))
+        h = (h.view(b, length, k, r) * gs.to(dt).view(b, 1, k, 1)).view(b, length, k * r)
         return torch.baddbmm(bu.to(dt), h, wu.to(dt))
 
     # -- activate-freeze ---------------------------------------------------------------------------------
