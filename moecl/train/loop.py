@@ -31,6 +31,7 @@ from ..model.state import load_adapter_state, save_adapter_state
 from ..runtime import DistInfo, init_distributed
 from . import checkpoint as ckpt
 from .faults import maybe_kill, nan_here, resources
+from .step_stats import StepStats
 from .engine import autocast_dtype, build_engine, ds_config, lr_at, micro_batch
 
 log = logging.getLogger("moecl")
@@ -208,6 +209,7 @@ class ContinualTrainer:
                      len(self.seq.tasks), task.name, total, peak, task.num_classes, n_params)
         self.model.train()
         tic, seen = time.time(), 0
+        stats = StepStats(self.device)  # loss, aux loss, non-finite steps: on the device, read when logging
         while self.progress.step < total:
             step0 = self.progress.step
             stream = train_batches(task, batch_size=self.micro, rank=self.info.rank, world_size=self.info.world_size,
@@ -222,7 +224,7 @@ class ContinualTrainer:
                 lr = lr_at(step, total, peak, cfg.train.warmup)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                loss_sum, aux_sum = 0.0, 0.0
+                stats.new_step()
                 for _ in range(cfg.train.grad_accum):
                     images, labels = next(batches)
                     images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
@@ -234,21 +236,17 @@ class ContinualTrainer:
                     aux = self.model.aux_loss().to(loss.device)
                     if cfg.moe.aux_loss_weight:
                         loss = loss + cfg.moe.aux_loss_weight * aux
-                    if not self._finite(loss):
-                        if cfg.train.nan_policy == "stop":
-                            raise TrainingError(f"non-finite loss ({loss.item()}) at task {t} ({task.name}) step "
-                                                f"{step}; the last good checkpoint in {self.run_dir / 'checkpoints'} "
-                                                "is kept (train.nan_policy=skip skips such steps)")
-                        self.progress.skipped_steps += 1
-                        loss = loss.nan_to_num(0.0) * 0.0
+                    loss = stats.guard(loss, step)  # non-finite (on any rank): zero gradient, reported below
                     engine.backward(loss)
-                    loss_sum += float(loss.detach()) / cfg.train.grad_accum
-                    aux_sum += float(aux.detach()) / cfg.train.grad_accum
+                    stats.add(loss, aux, 1.0 / cfg.train.grad_accum)
                     seen += images.shape[0] * self.info.world_size
                 maybe_kill("step", t, step, self.info.rank)
                 engine.step()
                 self.progress.step += 1
-                if self.is_main and (self.progress.step % cfg.runtime.log_every == 0 or self.progress.step == total):
+                log_now = self.progress.step % cfg.runtime.log_every == 0 or self.progress.step == total
+                if log_now or self.progress.step == end:  # (also before any checkpoint)
+                    loss_sum, aux_sum = self._read_stats(stats, t, task)
+                if self.is_main and log_now:
                     rate = seen / max(time.time() - tic, 1e-9)
                     gstep = self._global_step(t)
                     self.writer.add_scalar("train/loss", loss_sum, gstep)
@@ -270,11 +268,15 @@ class ContinualTrainer:
         engine.destroy()
         self.model.eval()
 
-    def _finite(self, loss: torch.Tensor) -> bool:
-        ok = torch.isfinite(loss.detach()).to(torch.int32)
-        if dist.is_initialized() and dist.get_world_size() > 1:  # all ranks take the same decision
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok)
+    def _read_stats(self, stats: StepStats, t: int, task) -> tuple[float, float]:
+        """The host reads the step figures (every rank: the non-finite decision is the same on all of them)."""
+        report = stats.read()
+        if report.first_bad_step is not None and self.cfg.train.nan_policy == "stop":
+            raise TrainingError(f"non-finite loss ({report.first_bad_loss}) at task {t} ({task.name}) step "
+                                f"{report.first_bad_step}; the last good checkpoint in "
+                                f"{self.run_dir / 'checkpoints'} is kept (train.nan_policy=skip skips such steps)")
+        self.progress.skipped_steps += report.skipped
+        return report.loss, report.aux
 
     def _global_step(self, t: int) -> int:
         return sum(self.iterations(i) for i in range(t)) + self.progress.step
