@@ -20,6 +20,31 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather a flat tensor over a group (forward); reduce-scatter the gradient back (backward). gloo
+    has no reduce-scatter: there the gradient is all-reduced and this rank's slice taken."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group=group)
+        out = local.new_empty(world * local.numel())
+        dist.all_gather_into_tensor(out, local.contiguous().view(-1), group=group)
+        return out.view((world,) + tuple(local.shape))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            mine = grad.new_empty(grad.shape[1:])
+            dist.reduce_scatter_tensor(mine.view(-1), grad.view(-1), group=ctx.group)
+        else:
+            grad = grad.clone()
+            dist.all_reduce(grad, group=ctx.group)
+            mine = grad[dist.get_rank(group=ctx.group)]
+        return mine, None
+
+
 class MoEAdapter(MoE):
     """DeepSpeed ``MoE`` (so the engine finds it, builds expert-parallel groups and param groups, and
     checkpoints its experts one file per expert) whose gate is :class:`TaskRouterGate`.
@@ -38,6 +63,7 @@ class MoEAdapter(MoE):
         self.num_local_experts = cfg.num_experts // cfg.ep_size
         self.dim, self.routing = dim, cfg.routing
         self.aux_loss_weight = cfg.aux_loss_weight
+        self.ep_mode = cfg.ep_mode
         expert = AdapterExpert(dim, cfg.width, cfg.dropout, cfg.scale)
         experts = GroupedExperts(expert, self.num_local_experts, self.expert_group_name)
         for i, ex in enumerate(experts.deepspeed_experts):  # independent kaiming draws per expert
@@ -93,8 +119,9 @@ class MoEAdapter(MoE):
 
     def _run(self, x, route_tokens, task_ids, single_task, active) -> torch.Tensor:
         b, length, d = x.shape
-        if self.ep_size == 1 and self.routing == "sample" and not self.gate.drop_tokens and active is None:
-            return self._run_gathered(x, route_tokens, task_ids, single_task)
+        if self.routing == "sample" and not self.gate.drop_tokens and (
+                (self.ep_size == 1 and active is None) or (self.ep_size > 1 and self.ep_mode == "gather")):
+            return self._run_gathered(x, route_tokens, task_ids, single_task, active)
         if self.routing == "sample":
             rows = x.reshape(b, length * d)
             route = RouteInput(route_tokens, task_ids, single_task, active)
@@ -112,11 +139,13 @@ class MoEAdapter(MoE):
             out = torch.where(active.view(b, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out
 
-    def _run_gathered(self, x, route_tokens, task_ids, single_task) -> torch.Tensor:
+    def _run_gathered(self, x, route_tokens, task_ids, single_task, active=None) -> torch.Tensor:
         """Experts local and nothing dropped: each sample's k adapters as two batched matmuls over that sample's
         gathered expert weights. Same routing and the same parameters as the DeepSpeed dispatch, without its
         capacity padding (E x max-load rows for B x k routes), and without a host synchronisation: the
-        selection counts stay on the device."""
+        selection counts stay on the device. With experts sharded (``ep_mode: gather``) the block's expert
+        weights are all-gathered first and their gradients reduce-scattered back; ``active`` [B] bool then
+        marks the rows that take the adapters (the others get gate 0: an exactly zero output)."""
         gate = self.gate
         b, length, d = x.shape
         ids, single = (torch.zeros_like(task_ids), 0) if gate.shared_router else (task_ids, single_task)
@@ -128,22 +157,19 @@ class MoEAdapter(MoE):
         top, idx = probs.topk(gate.k, dim=1)  # [B, k], as DeepSpeed's topkgating selects
         g = top / top.sum(dim=1, keepdim=True).clamp(min=torch.finfo(top.dtype).eps)
         mask = torch.zeros_like(probs).scatter_(1, idx, 1.0)
-        counts = mask.sum(0)  # [E], exact in fp32 (a bincount would sync the host to size its output)
         with contextlib.nullcontext() if self.aux_loss_weight else torch.no_grad():  # no graph when only logged
-            self.l_aux = (probs.mean(0) * (counts / b)).mean() * self.num_experts * self.num_experts / gate.k
+            self.l_aux = (probs.mean(0) * mask.mean(0)).mean() * self.num_experts * self.num_experts / gate.k
+        if active is not None:
+            g = g * active.to(g.dtype).unsqueeze(1)
+            mask = mask * active.to(mask.dtype).unsqueeze(1)
+        counts = mask.sum(0)  # [E], exact in fp32 (a bincount would sync the host to size its output)
         gate.last_counts = counts.to(torch.long)
         if self.training and torch.is_grad_enabled() and not _in_backward():
             self.counts += gate.last_counts.to(self.counts.device)
-        experts = self.local_experts
-        first = experts[0]
+        first = self.local_experts[0]
         k, r, scale = gate.k, first.width, first.scale
-        e = len(experts)
-        # down weights [E, r, d] and up weights transposed to [E, r, d] in one stack (a copy of the E experts,
-        # not of the B x k gathered ones), then one gather of both: [2, B*k, r*d], each half viewed [B, k*r, d]
-        w = torch.stack([ex.down.weight for ex in experts] + [ex.up.weight.t() for ex in experts])
-        w = w.view(2, e, r * d).index_select(1, idx.reshape(-1))
-        biases = torch.cat([ex.down.bias for ex in experts] + [ex.up.bias for ex in experts])
-        b_down, b_up = biases[:e * r].view(e, r), biases[e * r:].view(e, d)
+        w, b_down, b_up = self._expert_tensors()
+        w = w.index_select(1, idx.reshape(-1))  # [2, B*k, r*d]
         gs = (g * scale).to(w.dtype)  # gate x scale of each (sample, expert), folded into the hidden units
         wd = w[0].view(b, k * r, d).transpose(1, 2)  # [B, d, k*r]
         wu = w[1].view(b, k * r, d)  # [B, k*r, d]
@@ -153,6 +179,28 @@ class MoEAdapter(MoE):
         h = first.dropout(F.relu(torch.baddbmm(bd.to(dt), x.to(dt), wd.to(dt))))
         h = (h.view(b, length, k, r) * gs.to(dt).view(b, 1, k, 1)).view(b, length, k * r)
         return torch.baddbmm(bu.to(dt), h, wu.to(dt))
+
+    def _expert_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every expert of the block: down weights and transposed up weights ``[2, E, r*d]`` (one stack: a
+        copy of the E experts, not of the B x k gathered ones), down biases ``[E, r]``, up biases ``[E, d]``.
+        With ``ep_size > 1`` each rank contributes its local experts through one all-gather."""
+        experts = self.local_experts
+        first = experts[0]
+        r, d, e = first.width, first.dim, len(experts)
+        w = torch.stack([ex.down.weight for ex in experts] + [ex.up.weight.t() for ex in experts])
+        biases = torch.cat([ex.down.bias for ex in experts] + [ex.up.bias for ex in experts])
+        if self.ep_size == 1:
+            return w.view(2, e, r * d), biases[:e * r].view(e, r), biases[e * r:].view(e, d)
+        flat = torch.cat([w.view(-1), biases])
+        if torch.is_grad_enabled() and not flat.requires_grad:
+            # every local expert frozen: still take part in the backward's reduce-scatter (a collective)
+            flat = flat.detach().requires_grad_()
+        every = _AllGather.apply(flat, self.deepspeed_moe.ep_group)  # [ep, N], ranks in global expert order
+        n = self.ep_size * e
+        w = every[:, :2 * e * r * d].reshape(self.ep_size, 2, e, r * d).transpose(0, 1).reshape(2, n, r * d)
+        b_down = every[:, 2 * e * r * d:2 * e * r * d + e * r].reshape(n, r)
+        b_up = every[:, 2 * e * r * d + e * r:].reshape(n, d)
+        return w, b_down, b_up
 
     # -- activate-freeze ---------------------------------------------------------------------------------
     def reduced_counts(self) -> torch.Tensor:
