@@ -33,7 +33,7 @@ import train_step  # noqa: E402
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "bincount", "_unique", "_unique2", "unique_dim",
             "unique_consecutive", "masked_select", "repeat_interleave", "nonzero_numpy"}
-NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_unsafe_view", "view",
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh", "_unsafe_view", "view",
              "_reshape_alias", "set_", "resize_", "_to_copy_noop"}
 
 

@@ -45,6 +45,30 @@ class _AllGather(torch.autograd.Function):
         return mine, None
 
 
+class _StackExperts(torch.autograd.Function):
+    """The weights of E experts as two tensors: ``[2E, r, d]`` (down weights, then up weights transposed) and
+    the biases ``[E*r + E*d]``. torch.stack/cat would do the same, but their backward hands each expert a view
+    of the stacked gradient, and the transposed up-weight views make autograd copy 22 gradients one by one;
+    here the backward transposes all up-weight gradients in one copy."""
+
+    @staticmethod
+    def forward(ctx, e: int, *tensors: torch.Tensor):
+        down, up, b_down, b_up = (tensors[i * e:(i + 1) * e] for i in range(4))
+        ctx.e = e
+        w = torch.stack(list(down) + [u.t() for u in up])
+        return w, torch.cat(list(b_down) + list(b_up))
+
+    @staticmethod
+    def backward(ctx, grad_w: torch.Tensor, grad_b: torch.Tensor):
+        e = ctx.e
+        r = grad_w.shape[1]
+        down = grad_w[:e].unbind(0)
+        up = grad_w[e:].transpose(1, 2).contiguous().unbind(0)
+        b_down = grad_b[:e * r].view(e, r).unbind(0)
+        b_up = grad_b[e * r:].view(e, -1).unbind(0)
+        return (None, *down, *up, *b_down, *b_up)
+
+
 class MoEAdapter(MoE):
     """DeepSpeed ``MoE`` (so the engine finds it, builds expert-parallel groups and param groups, and
     checkpoints its experts one file per expert) whose gate is :class:`TaskRouterGate`.
@@ -187,8 +211,8 @@ class MoEAdapter(MoE):
         experts = self.local_experts
         first = experts[0]
         r, d, e = first.width, first.dim, len(experts)
-        w = torch.stack([ex.down.weight for ex in experts] + [ex.up.weight.t() for ex in experts])
-        biases = torch.cat([ex.down.bias for ex in experts] + [ex.up.bias for ex in experts])
+        w, biases = _StackExperts.apply(e, *[ex.down.weight for ex in experts], *[ex.up.weight for ex in experts],
+                                        *[ex.down.bias for ex in experts], *[ex.up.bias for ex in experts])
         if self.ep_size == 1:
             return w.view(2, e, r * d), biases[:e * r].view(e, r), biases[e * r:].view(e, d)
         flat = torch.cat([w.view(-1), biases])
