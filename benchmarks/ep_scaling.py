@@ -42,8 +42,10 @@ def wrap_collectives() -> None:
         inner = getattr(module, name)
 
         def counted(*a, **kw):
-            tensor = a[1] if name in ("all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor") \
-                else (a[0] if a else kw.get("tensor"))
+            if name == "all_reduce":
+                tensor = a[0] if a else kw.get("tensor")
+            else:  # (output, input, ...): the input buffer
+                tensor = a[1] if len(a) > 1 else kw.get("input", kw.get("input_tensor"))
             tag = CURRENT["tag"] if CURRENT["depth"] == 0 else None  # deepspeed.comm calls torch.distributed
             t0 = time.perf_counter()
             CURRENT["depth"] += 1
@@ -53,7 +55,7 @@ def wrap_collectives() -> None:
                 CURRENT["depth"] -= 1
             if tag is not None:
                 COUNTS[f"{tag}:{name}:calls"] += 1
-                COUNTS[f"{tag}:{name}:bytes"] += tensor.numel() * tensor.element_size()
+                COUNTS[f"{tag}:{name}:bytes"] += tensor.numel() * tensor.element_size() if tensor is not None else 0
                 COUNTS[f"{tag}:{name}:ms"] += (time.perf_counter() - t0) * 1e3
             return out
         setattr(module, name, counted)
