@@ -72,6 +72,10 @@ if want memory; then  # (e) CPU peak RSS delta per variant (not GPU memory)
     --variants moecl,floor,gather --out $R/cpu_memory_small_concentrated.json
   run $PY benchmarks/memory.py $T --model ViT-B-16-quickgelu --batch 4 --classes 10 --steps 1 \
     --variants moecl,floor,gather,moecl+ckpt --out $R/cpu_memory_vitb16.json
+  for b in 2 4; do  # slope per image with and without checkpointing (issue 17)
+    run $PY benchmarks/memory.py $T --model ViT-B-16-quickgelu --batch $b --classes 10 --steps 1 \
+      --variants moecl,moecl+ckpt,floor --out $R/cpu_memory_vitb16_b${b}_ckpt.json
+  done
 fi
 
 if want ep; then  # expert parallelism: ep_size 1 vs 2 over two gloo ranks
