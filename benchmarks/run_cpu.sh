@@ -2,7 +2,7 @@
 # The CPU-sized benchmark runs whose records are committed as benchmarks/results/cpu_*.json.
 #
 #   bash benchmarks/run_cpu.sh            # everything (about 35 min on 2 cores)
-#   bash benchmarks/run_cpu.sh train      # one part: check | train | layer | inference | memory | ep | project | profile
+#   bash benchmarks/run_cpu.sh train      # one part: check | train | floor | ops | layer | inference | memory | ep | project | profile
 #
 # One torch thread per process and ratios of per-call CPU time: the host these records come from was
 # shared with other jobs (load average 5-7 on 2 cores), where wall-clock time measures the queue for a
@@ -35,6 +35,18 @@ if want train; then  # (a) moecl vs floor, (b) vs the published path, plus proto
     --rounds 1 --variants moecl,floor,reference,gather --out $R/cpu_train_step_vitb16.json
 fi
 
+if want floor; then  # the issue-17 ratios: moecl vs floor (prompts trimmed as the trainer does, fused AdamW)
+  run $PY benchmarks/train_step.py $T --model moecl-small --batch 64 --classes 20 --steps 12 --warmup 2 --rounds 6 \
+    --variants moecl,floor --out $R/cpu_train_step_small_floor.json
+  run $PY benchmarks/train_step.py $T --model ViT-B-16-quickgelu --batch 4 --classes 10 --steps 4 --warmup 1 \
+    --rounds 4 --variants moecl,floor --out $R/cpu_train_step_vitb16_floor.json
+fi
+
+if want ops; then  # dispatched operators and host syncs per training step (exact, load-independent)
+  run $PY benchmarks/step_ops.py $T --model moecl-small --batch 64 --classes 20 --steps 2 \
+    --variants moecl,floor,reference --out $R/cpu_step_ops_small.json
+fi
+
 if want layer; then  # (c) one MoE layer vs DeepSpeed's stock per-token MoE
   run $PY benchmarks/moe_layer.py $T --batch 8 --tokens 197 --dim 768 --steps 6 --warmup 2 \
     --out $R/cpu_moe_layer_vitb16_b8.json
@@ -60,11 +72,15 @@ if want memory; then  # (e) CPU peak RSS delta per variant (not GPU memory)
     --variants moecl,floor,gather --out $R/cpu_memory_small_concentrated.json
   run $PY benchmarks/memory.py $T --model ViT-B-16-quickgelu --batch 4 --classes 10 --steps 1 \
     --variants moecl,floor,gather,moecl+ckpt --out $R/cpu_memory_vitb16.json
+  for b in 2 4; do  # slope per image with and without checkpointing (issue 17)
+    run $PY benchmarks/memory.py $T --model ViT-B-16-quickgelu --batch $b --classes 10 --steps 1 \
+      --variants moecl,moecl+ckpt,floor --out $R/cpu_memory_vitb16_b${b}_ckpt.json
+  done
 fi
 
 if want ep; then  # expert parallelism: ep_size 1 vs 2 over two gloo ranks
   run $TORCHRUN --nproc_per_node 2 benchmarks/ep_scaling.py $T --model moecl-small --batch 64 --classes 20 \
-    --steps 6 --warmup 2 --out $R/cpu_ep_scaling_small.json
+    --steps 6 --warmup 2 --rounds 3 --configs 1,2:gather,2:all-to-all --out $R/cpu_ep_scaling_small.json
 fi
 
 if want project; then  # (f) MTIL-shaped run projected from the records above (CPU figures: a demonstration)

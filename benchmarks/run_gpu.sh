@@ -4,7 +4,7 @@
 # records and fill docs/performance.md's GPU table from them (every figure there names its record).
 #
 #   bash benchmarks/run_gpu.sh            # everything (about 25 min on one H100)
-#   bash benchmarks/run_gpu.sh train      # one part: train | layer | inference | memory | data | project | profile | ep
+#   bash benchmarks/run_gpu.sh train      # one part: train | ops | layer | inference | memory | data | project | profile | ep
 #
 # Targets (ViT-B/16 random weights, 22 experts, top-2, bf16, 224 px):
 #   (a) moecl step <= 1.15 x floor at batch 64 and 256      -> gpu_train_step_vitb16_b{64,256}.json  ratios["moecl/floor"]
@@ -31,6 +31,11 @@ if want train; then
     --variants moecl,floor,reference,gather,gather+trim,floor+trim --out $R/gpu_train_step_vitb16_b256.json
   run $PY benchmarks/train_step.py $B16 --batch 64 --classes 100 --steps 30 --warmup 5 --rounds 3 \
     --routing concentrated --variants moecl,floor,reference,gather --out $R/gpu_train_step_vitb16_b64_concentrated.json
+fi
+
+if want ops; then  # issue 17: zero host syncs, operators within 1.3x the floor's (device-independent counts)
+  run $PY benchmarks/step_ops.py $B16 --batch 64 --classes 100 --steps 2 --variants moecl,floor,reference \
+    --out $R/gpu_step_ops_vitb16_b64.json
 fi
 
 if want layer; then
@@ -74,7 +79,7 @@ fi
 if want ep; then  # needs 2 GPUs on one node
   if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     run torchrun --nproc_per_node 2 benchmarks/ep_scaling.py $B16 --batch 128 --classes 100 --steps 20 --warmup 5 \
-      --out $R/gpu_ep_scaling_vitb16.json
+      --configs 1,2:gather,2:all-to-all --out $R/gpu_ep_scaling_vitb16.json
   else
     echo "ep: skipped (one GPU)" >&2
   fi

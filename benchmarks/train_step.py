@@ -45,6 +45,16 @@ def add_flags(p) -> None:
                    help="precision of the reference variant (published: fp32)")
     p.add_argument("--routing", choices=["random", "concentrated"], default="random")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of the moecl step here")
+    p.add_argument("--full-context", action="store_true",
+                   help="encode prompts at the model's full context (default: trimmed to the longest prompt's "
+                        "EOT token once, as the trainer does for every method)")
+
+
+def prompts_for(model, tokens: torch.Tensor, full_context: bool = False) -> torch.Tensor:
+    """The class prompts as the trainer encodes them: trimmed once to the longest prompt's EOT token."""
+    if full_context or not hasattr(model, "trim_prompts"):
+        return tokens
+    return model.trim_prompts(tokens)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -151,13 +161,14 @@ def run(args, bench: str = "train_step") -> dict:
             images, tokens, labels = common.make_inputs(args, ctx, model)
         common.nonzero_adapters(model, args.seed)
         set_routing(model, images, tokens, ctx, args.routing, args.seed)
+        prompts = prompts_for(model, tokens, args.full_context)
         model.train()
         opt = common.make_optimizer(params, ctx)
         vctx = common.Ctx(ctx.device, precision, args)
 
-        def step(model=model, opt=opt, vctx=vctx):
+        def step(model=model, opt=opt, vctx=vctx, prompts=prompts):
             with vctx.autocast():
-                logits = model(images, tokens, 0)
+                logits = model(images, prompts, 0)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.2)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -55,6 +55,9 @@ class MoEConfig(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout inside each expert")
     scale: float = Field(0.1, ge=0.0, description="expert output scale")
     ep_size: int = Field(1, ge=1, description="expert-parallel ranks the experts are sharded over")
+    ep_mode: Literal["gather", "all-to-all"] = Field(
+        "gather", description="with ep_size > 1: all-gather each block's expert weights (gather) or send the "
+                              "activations to the experts' ranks (all-to-all, DeepSpeed); docs/expert_parallelism.md")
     routing: Literal["sample", "token"] = Field("sample", description="route per sample (token 0) or per token")
     text_route_token: Literal["first", "eot"] = Field(
         "first", description="text token the router reads: first (reference) or the EOT token")

@@ -48,7 +48,11 @@ class _RoutedText:
     """The adapted model seen through open_clip's helper: ``encode_text`` with a fixed route."""
 
     def __init__(self, model, route: int):
-        self.encode_text = partial(model.encode_text, task_ids=route)
+        self.model, self.route = model, route
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        # prompts encoded up to the longest prompt's EOT token (exact; MoECLIP.trim_prompts)
+        return self.model.encode_text(self.model.trim_prompts(tokens), task_ids=self.route, normalize=normalize)
 
 
 def label_set(task: TaskInfo, templates: str = "ensemble") -> LabelSet:

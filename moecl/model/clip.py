@@ -249,11 +249,54 @@ class MoECLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, task_ids: TaskIds = -1, normalize: bool = False) -> torch.Tensor:
+        """Text features of ``tokens`` [C, n]: the full context, or fewer tokens as :meth:`trim_prompts` gives."""
         token_index = tokens.argmax(dim=-1) if self.moe_cfg.text_route_token == "eot" else None
         route = self._route(task_ids, tokens.shape[0], tokens.device, token_index)
         with self.text_slot.use(route, persist=self._checkpointing()):
-            features = self.clip.encode_text(tokens) if self._text_owner is self.clip else self._text_owner(tokens)
+            if self._text_owner is not self.clip:
+                features = self._text_owner(tokens)  # open_clip's TextTransformer slices to the length itself
+            elif tokens.shape[1] < self.clip.positional_embedding.shape[0]:
+                features = self._encode_text_short(tokens)
+            else:
+                features = self.clip.encode_text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def trim_prompts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` cut after the batch's last end-of-text token. Exact for a causal text tower (no position
+        up to an EOT token reads a later one, the feature is read at the EOT token, the routers at token 0 or
+        the EOT token); unchanged for other towers. Reads the EOT positions on the host (one sync): call it
+        once per prompt set, not per step."""
+        owner = self._text_owner
+        text = getattr(owner, "transformer", None)
+        pool = getattr(owner, "text_pool_type", getattr(owner, "pool_type", None))
+        causal = getattr(owner, "attn_mask", None) is not None and getattr(owner, "cls_emb", None) is None
+        if text is None or not causal or pool not in ("argmax", "eos") or tokens.dim() != 2:
+            return tokens
+        if pool == "argmax":
+            ends = tokens.argmax(dim=-1)
+        else:
+            eos = getattr(owner, "text_eos_id", getattr(owner, "eos_id", None))
+            if eos is None:
+                return tokens
+            ends = (tokens == eos).int().argmax(dim=-1)
+        n = int(ends.max()) + 1
+        return tokens[:, :n] if n < tokens.shape[1] else tokens
+
+    def _encode_text_short(self, text: torch.Tensor) -> torch.Tensor:
+        """open_clip's ``CLIP.encode_text`` for a context shorter than the model's: the positional embedding
+        and the causal mask sliced to ``n`` tokens."""
+        from open_clip.transformer import text_global_pool
+        clip, n = self.clip, text.shape[1]
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(text).to(cast_dtype)
+        x = x + clip.positional_embedding[:n].to(cast_dtype)
+        mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
+        x = clip.transformer(x, attn_mask=mask)
+        x = clip.ln_final(x)
+        x = text_global_pool(x, text, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        if clip.text_projection is not None:
+            x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+        return x
 
     def _checkpointing(self) -> bool:
         return bool(getattr(self.clip.visual.transformer, "grad_checkpointing", False)) and torch.is_grad_enabled()

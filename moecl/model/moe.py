@@ -1,6 +1,7 @@
 """One MoE-adapter site: a DeepSpeed ``MoE`` layer with our gate, routing per sample or per token."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -17,6 +18,55 @@ from .gate import RouteInput, TaskRouterGate, noisy_logits, task_logits
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather a flat tensor over a group (forward); reduce-scatter the gradient back (backward). gloo
+    has no reduce-scatter: there the gradient is all-reduced and this rank's slice taken."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group=group)
+        out = local.new_empty(world * local.numel())
+        dist.all_gather_into_tensor(out, local.contiguous().view(-1), group=group)
+        return out.view((world,) + tuple(local.shape))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            mine = grad.new_empty(grad.shape[1:])
+            dist.reduce_scatter_tensor(mine.view(-1), grad.view(-1), group=ctx.group)
+        else:
+            grad = grad.clone()
+            dist.all_reduce(grad, group=ctx.group)
+            mine = grad[dist.get_rank(group=ctx.group)]
+        return mine, None
+
+
+class _StackExperts(torch.autograd.Function):
+    """The weights of E experts as two tensors: ``[2E, r, d]`` (down weights, then up weights transposed) and
+    the biases ``[E*r + E*d]``. torch.stack/cat would do the same, but their backward hands each expert a view
+    of the stacked gradient, and the transposed up-weight views make autograd copy 22 gradients one by one;
+    here the backward transposes all up-weight gradients in one copy."""
+
+    @staticmethod
+    def forward(ctx, e: int, *tensors: torch.Tensor):
+        down, up, b_down, b_up = (tensors[i * e:(i + 1) * e] for i in range(4))
+        ctx.e = e
+        w = torch.stack(list(down) + [u.t() for u in up])
+        return w, torch.cat(list(b_down) + list(b_up))
+
+    @staticmethod
+    def backward(ctx, grad_w: torch.Tensor, grad_b: torch.Tensor):
+        e = ctx.e
+        r = grad_w.shape[1]
+        down = grad_w[:e].unbind(0)
+        up = grad_w[e:].transpose(1, 2).contiguous().unbind(0)
+        b_down = grad_b[:e * r].view(e, r).unbind(0)
+        b_up = grad_b[e * r:].view(e, -1).unbind(0)
+        return (None, *down, *up, *b_down, *b_up)
 
 
 class MoEAdapter(MoE):
@@ -36,6 +86,8 @@ class MoEAdapter(MoE):
         self.num_experts = cfg.num_experts
         self.num_local_experts = cfg.num_experts // cfg.ep_size
         self.dim, self.routing = dim, cfg.routing
+        self.aux_loss_weight = cfg.aux_loss_weight
+        self.ep_mode = cfg.ep_mode
         expert = AdapterExpert(dim, cfg.width, cfg.dropout, cfg.scale)
         experts = GroupedExperts(expert, self.num_local_experts, self.expert_group_name)
         for i, ex in enumerate(experts.deepspeed_experts):  # independent kaiming draws per expert
@@ -91,8 +143,9 @@ class MoEAdapter(MoE):
 
     def _run(self, x, route_tokens, task_ids, single_task, active) -> torch.Tensor:
         b, length, d = x.shape
-        if self.ep_size == 1 and self.routing == "sample" and not self.gate.drop_tokens and active is None:
-            return self._run_gathered(x, route_tokens, task_ids, single_task)
+        if self.routing == "sample" and not self.gate.drop_tokens and (
+                (self.ep_size == 1 and active is None) or (self.ep_size > 1 and self.ep_mode == "gather")):
+            return self._run_gathered(x, route_tokens, task_ids, single_task, active)
         if self.routing == "sample":
             rows = x.reshape(b, length * d)
             route = RouteInput(route_tokens, task_ids, single_task, active)
@@ -110,10 +163,13 @@ class MoEAdapter(MoE):
             out = torch.where(active.view(b, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out
 
-    def _run_gathered(self, x, route_tokens, task_ids, single_task) -> torch.Tensor:
+    def _run_gathered(self, x, route_tokens, task_ids, single_task, active=None) -> torch.Tensor:
         """Experts local and nothing dropped: each sample's k adapters as two batched matmuls over that sample's
-        gathered expert weights (gates folded into the up-projection). Same routing and the same parameters as
-        the DeepSpeed dispatch, without its capacity padding (E x max-load rows for B x k routes)."""
+        gathered expert weights. Same routing and the same parameters as the DeepSpeed dispatch, without its
+        capacity padding (E x max-load rows for B x k routes), and without a host synchronisation: the
+        selection counts stay on the device. With experts sharded (``ep_mode: gather``) the block's expert
+        weights are all-gathered first and their gradients reduce-scattered back; ``active`` [B] bool then
+        marks the rows that take the adapters (the others get gate 0: an exactly zero output)."""
         gate = self.gate
         b, length, d = x.shape
         ids, single = (torch.zeros_like(task_ids), 0) if gate.shared_router else (task_ids, single_task)
@@ -125,25 +181,50 @@ class MoEAdapter(MoE):
         top, idx = probs.topk(gate.k, dim=1)  # [B, k], as DeepSpeed's topkgating selects
         g = top / top.sum(dim=1, keepdim=True).clamp(min=torch.finfo(top.dtype).eps)
         mask = torch.zeros_like(probs).scatter_(1, idx, 1.0)
-        self.l_aux = (probs.mean(0) * mask.mean(0)).mean() * self.num_experts * self.num_experts / gate.k
-        gate.last_counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+        with contextlib.nullcontext() if self.aux_loss_weight else torch.no_grad():  # no graph when only logged
+            self.l_aux = (probs.mean(0) * mask.mean(0)).mean() * self.num_experts * self.num_experts / gate.k
+        if active is not None:
+            g = g * active.to(g.dtype).unsqueeze(1)
+            mask = mask * active.to(mask.dtype).unsqueeze(1)
+        counts = mask.sum(0)  # [E], exact in fp32 (a bincount would sync the host to size its output)
+        gate.last_counts = counts.to(torch.long)
         if self.training and torch.is_grad_enabled() and not _in_backward():
             self.counts += gate.last_counts.to(self.counts.device)
-        experts = self.local_experts
-        first = experts[0]
+        first = self.local_experts[0]
         k, r, scale = gate.k, first.width, first.scale
-        w_down = torch.stack([e.down.weight for e in experts])  # [E, r, d]
-        b_down = torch.stack([e.down.bias for e in experts])  # [E, r]
-        w_up = torch.stack([e.up.weight for e in experts])  # [E, d, r]
-        b_up = torch.stack([e.up.bias for e in experts])  # [E, d]
-        gs = (g * scale).to(w_up.dtype)
-        wd = w_down[idx].reshape(b, k * r, d).transpose(1, 2)  # [B, d, k*r]
+        w, b_down, b_up = self._expert_tensors()
+        w = w.index_select(1, idx.reshape(-1))  # [2, B*k, r*d]
+        gs = (g * scale).to(w.dtype)  # gate x scale of each (sample, expert), folded into the hidden units
+        wd = w[0].view(b, k * r, d).transpose(1, 2)  # [B, d, k*r]
+        wu = w[1].view(b, k * r, d)  # [B, k*r, d]
         bd = b_down[idx].reshape(b, 1, k * r)
-        wu = (w_up[idx] * gs[..., None, None]).transpose(2, 3).reshape(b, k * r, d)  # [B, k*r, d]
         bu = (b_up[idx] * gs[..., None]).sum(1, keepdim=True)  # [B, 1, d]
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         h = first.dropout(F.relu(torch.baddbmm(bd.to(dt), x.to(dt), wd.to(dt))))
+        h = (h.view(b, length, k, r) * gs.to(dt).view(b, 1, k, 1)).view(b, length, k * r)
         return torch.baddbmm(bu.to(dt), h, wu.to(dt))
+
+    def _expert_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every expert of the block: down weights and transposed up weights ``[2, E, r*d]`` (one stack: a
+        copy of the E experts, not of the B x k gathered ones), down biases ``[E, r]``, up biases ``[E, d]``.
+        With ``ep_size > 1`` each rank contributes its local experts through one all-gather."""
+        experts = self.local_experts
+        first = experts[0]
+        r, d, e = first.width, first.dim, len(experts)
+        w, biases = _StackExperts.apply(e, *[ex.down.weight for ex in experts], *[ex.up.weight for ex in experts],
+                                        *[ex.down.bias for ex in experts], *[ex.up.bias for ex in experts])
+        if self.ep_size == 1:
+            return w.view(2, e, r * d), biases[:e * r].view(e, r), biases[e * r:].view(e, d)
+        flat = torch.cat([w.view(-1), biases])
+        if torch.is_grad_enabled() and not flat.requires_grad:
+            # every local expert frozen: still take part in the backward's reduce-scatter (a collective)
+            flat = flat.detach().requires_grad_()
+        every = _AllGather.apply(flat, self.deepspeed_moe.ep_group)  # [ep, N], ranks in global expert order
+        n = self.ep_size * e
+        w = every[:, :2 * e * r * d].reshape(self.ep_size, 2, e, r * d).transpose(0, 1).reshape(2, n, r * d)
+        b_down = every[:, 2 * e * r * d:2 * e * r * d + e * r].reshape(n, r)
+        b_up = every[:, 2 * e * r * d + e * r:].reshape(n, d)
+        return w, b_down, b_up
 
     # -- activate-freeze ---------------------------------------------------------------------------------
     def reduced_counts(self) -> torch.Tensor:

@@ -37,6 +37,7 @@ from . import cluster, reshard
 from .faults import maybe_kill, nan_here, resources
 from .identity import backbone_identity, check_checkpoint
 from .interrupt import Interrupted, StopRequest, interrupted_line
+from .step_stats import StepStats
 from .engine import autocast_dtype, build_engine, ds_config, lr_at, micro_batch
 
 log = logging.getLogger("moecl")
@@ -386,6 +387,7 @@ class ContinualTrainer:
         else:  # each task starts from its own seed, so a resume from a task end replays it exactly
             torch.manual_seed(_stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
         tokens = self.tokenizer([fill_template(task.train_template, c) for c in task.classnames]).to(self.device)
+        tokens = self.model.trim_prompts(tokens)  # once per task: to the longest prompt's EOT token (exact)
         text_task = t if self.method == "moe-adapters" else 0
         bar = self._bar(task.name, total)
         n_params = sum(p.numel() for p in params)
@@ -394,6 +396,7 @@ class ContinualTrainer:
                      len(self.seq.tasks), task.name, total, peak, task.num_classes, n_params)
         self.model.train()
         tic, seen = time.time(), 0
+        stats = StepStats(self.device)  # loss, aux loss, non-finite steps: on the device, read when logging
         while self.progress.step < total:
             step0 = self.progress.step
             stream = train_batches(task, batch_size=self.micro, rank=self.info.rank, world_size=self.info.world_size,
@@ -413,10 +416,12 @@ class ContinualTrainer:
                 lr = lr_at(step, total, peak, cfg.train.warmup)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                loss_sum, aux_sum, bad = 0.0, 0.0, None
+                # nan_policy=skip decides before the optimizer step (a host read per step, and the step is dropped
+                # whole); stop keeps the step free of host syncs: the device flags it, the next read raises
+                skip_mode, bad = cfg.train.nan_policy == "skip", None
                 # a skipped step must not count its routing toward activate-freeze either
-                counts = ([s.counts.clone() for s in self.model.moe_sites()] if cfg.train.nan_policy == "skip"
-                          else None)
+                counts = [s.counts.clone() for s in self.model.moe_sites()] if skip_mode else None
+                stats.new_step()
                 for _ in range(cfg.train.grad_accum):
                     images, labels = next(batches)
                     images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
@@ -428,21 +433,25 @@ class ContinualTrainer:
                     aux = self.model.aux_loss().to(loss.device)
                     if cfg.moe.aux_loss_weight:
                         loss = loss + cfg.moe.aux_loss_weight * aux
-                    if not self._finite(loss):
-                        if cfg.train.nan_policy == "stop":
-                            raise TrainingError(f"non-finite loss ({loss.item()}) at task {t} ({task.name}) step "
-                                                f"{step}; the last good checkpoint in {self.run_dir / 'checkpoints'} "
-                                                "is kept (train.nan_policy=skip skips such steps)")
+                    if not skip_mode:
+                        loss = stats.guard(loss, step)  # non-finite (on any rank): zero gradient, raised at the read
+                    elif not self._finite(loss):
                         bad = f"loss ({loss.item()})"
                         loss = loss * float("nan")  # every gradient non-finite too: the step is dropped whole
                     engine.backward(loss)
-                    loss_sum += float(loss.detach()) / cfg.train.grad_accum
-                    aux_sum += float(aux.detach()) / cfg.train.grad_accum
+                    if bad is None:
+                        stats.add(loss, aux, 1.0 / cfg.train.grad_accum)
                     seen += images.shape[0] * self.info.world_size
                 maybe_kill("step", t, step, self.info.rank)
-                self._optimizer_step(engine, optimizer, params, bad, t, task.name, step, counts)
+                if skip_mode:
+                    self._optimizer_step(engine, optimizer, params, bad, t, task.name, step, counts)
+                else:
+                    engine.step()
                 self.progress.step += 1
-                if self.is_main and (self.progress.step % cfg.runtime.log_every == 0 or self.progress.step == total):
+                log_now = self.progress.step % cfg.runtime.log_every == 0 or self.progress.step == total
+                if log_now or self.progress.step == end:  # (also before any checkpoint)
+                    loss_sum, aux_sum = self._read_stats(stats, t, task)
+                if self.is_main and log_now:
                     rate = seen / max(time.time() - tic, 1e-9)
                     gstep = self._global_step(t)
                     self.writer.add_scalar("train/loss", loss_sum, gstep)
@@ -523,6 +532,16 @@ class ContinualTrainer:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             return bool(t.item())
         return ok
+
+    def _read_stats(self, stats: StepStats, t: int, task) -> tuple[float, float]:
+        """The host reads the step figures (every rank: the non-finite decision is the same on all of them)."""
+        report = stats.read()
+        if report.first_bad_step is not None and self.cfg.train.nan_policy == "stop":
+            raise TrainingError(f"non-finite loss ({report.first_bad_loss}) at task {t} ({task.name}) step "
+                                f"{report.first_bad_step}; the last good checkpoint in "
+                                f"{self.run_dir / 'checkpoints'} is kept (train.nan_policy=skip skips such steps)")
+        self.progress.skipped_steps += report.skipped
+        return report.loss, report.aux
 
     def _finite(self, loss: torch.Tensor) -> bool:
         ok = torch.isfinite(loss.detach()).to(torch.int32)

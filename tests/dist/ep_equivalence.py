@@ -29,12 +29,22 @@ def randomize(model, seed):
 
 def run(out_dir: str) -> None:
     info = init_distributed("cpu")
-    world, rank = info.world_size, info.rank
+    results = {}
+    for mode in ("gather", "all-to-all"):
+        compare(out_dir, mode, info.world_size, info.rank, results)
+    with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.barrier()
+
+
+def compare(out_dir: str, mode: str, world: int, rank: int, results: dict) -> None:
+    """ep_size 1 vs ep_size = world in ``mode``; keys of ``results`` are prefixed with the mode."""
     torch.manual_seed(0)
     mcfg = ModelConfig(name="moecl-tiny")
     ref = build_model(mcfg, MoEConfig(num_experts=4, width=8, dropout=0.0, ep_size=1))
     torch.manual_seed(0)
-    par = build_model(mcfg, MoEConfig(num_experts=4, width=8, dropout=0.0, ep_size=world))
+    par = build_model(mcfg, MoEConfig(num_experts=4, width=8, dropout=0.0, ep_size=world, ep_mode=mode))
+    other = "all-to-all" if mode == "gather" else "gather"
     for m in (ref, par):
         m.setup_expert_parallel()
         m.add_task()
@@ -46,15 +56,15 @@ def run(out_dir: str) -> None:
     ids = torch.tensor([0, 1, -1, 1] * world)
     tokens = torch.randint(1, 400, (3 * world, 16), generator=g)
     mine = slice(rank * 4, (rank + 1) * 4)
-    results = {}
+    res = {}
     with torch.no_grad():
         a = ref.encode_image(images[mine], ids[mine])
         b = par.encode_image(images[mine], ids[mine])
-        results["image_max_diff"] = (a - b).abs().max().item()
-        results["image_moved"] = (a - ref.encode_image(images[mine], -1)).abs().max().item()
+        res["image_max_diff"] = (a - b).abs().max().item()
+        res["image_moved"] = (a - ref.encode_image(images[mine], -1)).abs().max().item()
         ta = ref.encode_text(tokens[rank * 3:(rank + 1) * 3], 1)
         tb = par.encode_text(tokens[rank * 3:(rank + 1) * 3], 1)
-        results["text_max_diff"] = (ta - tb).abs().max().item()
+        res["text_max_diff"] = (ta - tb).abs().max().item()
     # gradients (train mode: noise on, so compare with the same RNG stream on both)
     grads = {}
     for name, m in (("ref", ref), ("par", par)):
@@ -80,30 +90,36 @@ def run(out_dir: str) -> None:
         for gid, ex in zip(s2.global_expert_ids(), s2.local_experts):
             for pname in ("down.weight", "up.weight", "down.bias", "up.bias"):
                 diffs.append((summed[gid, pname] - ex.get_parameter(pname).grad).abs().max().item())
-    results["grad_max_diff"] = max(diffs)
-    results["grad_norm"] = float(sum(p.grad.abs().sum() for p in par.trainable_parameters(1) if p.grad is not None))
+    res["grad_max_diff"] = max(diffs)
+    res["grad_norm"] = float(sum(p.grad.abs().sum() for p in par.trainable_parameters(1) if p.grad is not None))
     # save at ep_size=world; parent loads at ep 1
     par.eval()
     tensors, meta = adapter_state(par)
-    save_adapter_state(par, os.path.join(out_dir, "state"))
+    save_adapter_state(par, os.path.join(out_dir, f"state-{mode}"))
     dist.barrier()
     with torch.no_grad():
         out = par.encode_image(images, ids.clamp(max=1))  # full batch on every rank
     if rank == 0:
-        torch.save({"images": images, "ids": ids.clamp(max=1), "out": out}, os.path.join(out_dir, "io.pt"))
+        torch.save({"images": images, "ids": ids.clamp(max=1), "out": out}, os.path.join(out_dir, f"io-{mode}.pt"))
     # reload into a fresh ep=world model: identical outputs
     torch.manual_seed(0)  # same random backbone (real runs load pretrained weights)
-    fresh = build_model(mcfg, MoEConfig(num_experts=4, width=8, dropout=0.0, ep_size=world))
+    fresh = build_model(mcfg, MoEConfig(num_experts=4, width=8, dropout=0.0, ep_size=world, ep_mode=mode))
     fresh.setup_expert_parallel()
-    load_adapter_state(fresh, os.path.join(out_dir, "state"))
+    load_adapter_state(fresh, os.path.join(out_dir, f"state-{mode}"))
     fresh.eval()
     with torch.no_grad():
-        results["reload_max_diff"] = (fresh.encode_image(images, ids.clamp(max=1)) - out).abs().max().item()
-    results["counts_total_equal"] = all(torch.equal(a.reduced_counts(), b.reduced_counts())
-                                        for a, b in zip(par.moe_sites(), fresh.moe_sites()))
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()
+        res["reload_max_diff"] = (fresh.encode_image(images, ids.clamp(max=1)) - out).abs().max().item()
+    res["counts_total_equal"] = all(torch.equal(a.reduced_counts(), b.reduced_counts())
+                                    for a, b in zip(par.moe_sites(), fresh.moe_sites()))
+    # ... and into the other ep_mode: the same parameters, another execution
+    torch.manual_seed(0)
+    swapped = build_model(mcfg, MoEConfig(num_experts=4, width=8, dropout=0.0, ep_size=world, ep_mode=other))
+    swapped.setup_expert_parallel()
+    load_adapter_state(swapped, os.path.join(out_dir, f"state-{mode}"))
+    swapped.eval()
+    with torch.no_grad():
+        res["other_mode_max_diff"] = (swapped.encode_image(images, ids.clamp(max=1)) - out).abs().max().item()
+    results.update({f"{mode}:{k}": v for k, v in res.items()})
 
 
 if __name__ == "__main__":
