@@ -11,17 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, build_world, cpu_env, run_train, train_cmd
+from helpers import ROOT, build_world, cpu_env, resumed_from, run_train, steps_per_process, train_cmd
 from moecl.train.checkpoint import latest_valid, list_checkpoints, verify
 
 COMMON = ["train.iterations=4", "train.checkpoint_every=2", "train.deterministic=true", "ddas.iterations=20"]
 COMMON2 = ["train.iterations=2", "train.checkpoint_every=1", "train.deterministic=true", "ddas.iterations=10",
            "moe.ep_size=2"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("world") / "w")
 
 
 @pytest.fixture(scope="module")
@@ -52,29 +47,51 @@ def _same(a, b):
     assert ma == mb
 
 
+ALL_STEPS = [(t, s) for t in range(2) for s in range(4)]  # COMMON: 2 tasks x 4 steps
+
+
 # (a kill during a step, at a random moment, is tests/test_train.py::test_kill_and_resume_gives_the_same_final_state)
-@pytest.mark.parametrize("fault", ["kill@checkpoint:0", "kill@ddas:0", "kill@between:0"])
-def test_kill_anywhere_then_resume_matches_uninterrupted_run(world, reference, tmp_path, fault):
-    run = tmp_path / "run"
-    env = cpu_env(MOECL_FAULT=fault)
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,resumed", [
+    ("kill@checkpoint:0", None),  # the first checkpoint never completes: the resume starts from the beginning
+    ("kill@ddas:0", ("step-000-0000002", 0, 2)),  # task 0 trained, its last mid-task checkpoint is step 2
+    ("kill@between:0", ("task-000", 1, 0)),
+])
+def test_kill_anywhere_then_resume_matches_uninterrupted_run(world, reference, tmp_path, fault, resumed):
+    """The resume continues from the newest valid checkpoint (named, with its task and step) and never trains a
+    step that checkpoint holds (MOECL_STEP_LOG kills the run if it does); the final state equals the reference."""
+    run, steps = tmp_path / "run", tmp_path / "steps.log"
+    env = cpu_env(MOECL_FAULT=fault, MOECL_STEP_LOG=str(steps))
     proc = subprocess.run(train_cmd(run, world, *COMMON), env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == -9, f"the fault {fault} did not fire: {proc.stderr[-2000:]}"
     if fault.startswith("kill@checkpoint"):  # the interrupted checkpoint exists on disk but never verifies
         assert any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())
-    run_train(run, world, *COMMON, resume="auto")
+    run_train(run, world, *COMMON, resume="auto", env=cpu_env(MOECL_STEP_LOG=str(steps)))
+    assert resumed_from(run) == resumed
+    if resumed is None:
+        assert "no valid checkpoint" in (run / "train.log").read_text()
+    first, second = steps_per_process(steps)
+    assert second[0] == (resumed[1:] if resumed else (0, 0)) and second == sorted(set(second))
+    assert sorted(set(first) | set(second)) == ALL_STEPS
     _same(_final_state(run), _final_state(reference(1)))
 
 
+@pytest.mark.slow
 def test_kill_one_of_two_ranks_then_resume(world, reference, tmp_path):
-    run = tmp_path / "run"
+    run, steps = tmp_path / "run", tmp_path / "steps.log"
     cmd = train_cmd(run, world, *COMMON2, nproc=2)
     start = time.time()
-    proc = subprocess.run(cmd, env=cpu_env(MOECL_FAULT="kill@step:1:1", MOECL_FAULT_RANK="1"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=cpu_env(MOECL_FAULT="kill@step:1:1", MOECL_FAULT_RANK="1",
+                                           MOECL_STEP_LOG=str(steps)),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and time.time() - start < 300
     assert latest_valid(run).name == "step-001-0000001"
-    run_train(run, world, *COMMON2, nproc=2, resume="auto")
+    run_train(run, world, *COMMON2, nproc=2, resume="auto", env=cpu_env(MOECL_STEP_LOG=str(steps)))
+    assert resumed_from(run) == ("step-001-0000001", 1, 1)
+    for rank in (0, 1):  # both ranks pick up at task 1 step 1, after every step the checkpoint holds
+        first, second = steps_per_process(steps, rank)
+        assert first[:3] == [(0, 0), (0, 1), (1, 0)] and second == [(1, 1)]
     _same(_final_state(run), _final_state(reference(2)))
 
 

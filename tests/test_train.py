@@ -8,13 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, build_world, cpu_env, run_train, train_cmd
+from helpers import ROOT, cpu_env, resumed_from, run_train, steps_per_process, train_cmd
 from moecl.train.checkpoint import latest_valid, list_checkpoints, verify
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("world") / "w")
 
 
 def _adapters(ckpt_dir):
@@ -37,14 +32,16 @@ def _check_run_folder(run, num_tasks=2):
     return report
 
 
-def test_single_process_run_keeps_old_routers_and_frozen_experts(world, tmp_path):
-    run = tmp_path / "run"
-    run_train(run, world, "train.iterations=3")
+def test_single_process_run_keeps_old_routers_and_frozen_experts(tiny_run):
+    _, run = tiny_run
     _check_run_folder(run)
     a0, a1 = _adapters(run / "checkpoints" / "task-000"), _adapters(run / "checkpoints" / "task-001")
-    routers0 = [k for k in a0 if ".router.0" in k or ".noise.0" in k]
+    routers0 = [k for k in a0 if k.endswith((".router.0", ".noise.0"))]
     assert routers0 and all(torch.equal(a0[k], a1[k]) for k in routers0), "router 0 changed in task 1"
-    assert any(not torch.equal(a1[k.replace(".0", ".1")], torch.zeros_like(a1[k])) for k in routers0 if ".router." in k)
+    # router 1 of every site exists only after task 1 and was trained (moved away from its initial zeros)
+    routers1 = [k[:-1] + "1" for k in routers0 if k.endswith(".router.0")]
+    assert all(k not in a0 for k in routers1)
+    assert all(not torch.equal(a1[k], torch.zeros_like(a1[k])) for k in routers1)
     frozen0 = {k.rsplit(".", 1)[0]: a0[k].bool() for k in a0 if k.endswith(".frozen")}
     checked = 0
     for site, mask in frozen0.items():
@@ -63,8 +60,10 @@ def test_single_process_run_keeps_old_routers_and_frozen_experts(world, tmp_path
     assert any(not torch.equal(a0[k], a1[k]) for k in unfrozen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launcher):
+    from moecl.evaluation.cli import evaluate_run
     run = tmp_path / "ep2"
     run_train(run, world, "moe.ep_size=2", "train.iterations=2", "train.checkpoint_every=1", nproc=2,
               launcher=launcher)
@@ -76,16 +75,40 @@ def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launc
     assert sum(1 for k in state if k.startswith("image.0.experts.") and k.endswith("up.weight")) == 4
     log = (run / "train.log").read_text()
     assert "2 rank(s)" in log
-    # a task-end checkpoint saved at ep_size 2 resumes at ep_size 1 (one process)
-    json.loads((run / "checkpoints" / "task-001" / "trainer.json").read_text())
+    # the checkpoint of the 2-rank, ep_size 2 run evaluated in one process at ep_size 1 gives the report's rows
+    results, _ = evaluate_run(run, device="cpu")
+    for mode in ("oracle", "agnostic"):
+        entry = report["methods"]["moecl"][mode]
+        assert results["modes"][mode]["row"] == entry["matrix"][-1], mode
+        assert results["modes"][mode]["routing_confusion"] == entry["routing_confusion"], mode
+    if launcher != "torchrun":
+        return
+    # its task-end checkpoint resumes in one process at ep_size 1: task 0 is kept as it was, task 1 trains
+    one = tmp_path / "ep1"
+    run_train(one, world, "moe.ep_size=1", "train.iterations=2", resume=str(run / "checkpoints" / "task-000"))
+    assert resumed_from(one) == ("task-000", 1, 0) and "1 rank(s)" in (one / "train.log").read_text()
+    resumed = json.loads((one / "report.json").read_text())
+    assert resumed["config"]["moe"]["ep_size"] == 1
+    for mode in ("oracle", "agnostic"):
+        assert resumed["methods"]["moecl"][mode]["matrix"][0] == report["methods"]["moecl"][mode]["matrix"][0]
+    a0, b1 = _adapters(run / "checkpoints" / "task-000"), _adapters(one / "checkpoints" / "task-001")
+    kept = [k for k in a0 if k.endswith((".router.0", ".noise.0")) or (".experts." in k and _frozen_in(a0, k))]
+    assert kept and all(torch.equal(a0[k], b1[k]) for k in kept), "task 0's routers or frozen experts changed"
+    assert any(not torch.equal(a0[k], b1[k]) for k in a0 if ".experts." in k), "task 1 did not train at ep_size 1"
 
 
+def _frozen_in(state, key):
+    site, rest = key.split(".experts.")
+    return bool(state[f"{site}.frozen"][int(rest.split(".")[0])])
+
+
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_final_state(world, tmp_path):
     common = ["train.iterations=6", "train.checkpoint_every=2", "train.deterministic=true", "ddas.iterations=20"]
     ref = tmp_path / "ref"
     run_train(ref, world, *common)
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(run, world, *common), env=cpu_env(), cwd=ROOT,
+    run, steps = tmp_path / "killed", tmp_path / "steps.log"
+    proc = subprocess.Popen(train_cmd(run, world, *common), env=cpu_env(MOECL_STEP_LOG=str(steps)), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -95,9 +118,15 @@ def test_kill_and_resume_gives_the_same_final_state(world, tmp_path):
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert latest_valid(run) is not None
-    out = run_train(run, world, *common, resume="auto")
-    assert "resumed from" in (run / "train.log").read_text()
+    held = latest_valid(run)
+    assert held is not None
+    progress = json.loads((held / "trainer.json").read_text())["progress"]
+    out = run_train(run, world, *common, resume="auto", env=cpu_env(MOECL_STEP_LOG=str(steps)))
+    # it resumed from the newest valid checkpoint and trained none of the steps that checkpoint holds
+    assert resumed_from(run) == (held.name, progress["task"], progress["step"])
+    first, second = steps_per_process(steps)
+    assert second[0] == (progress["task"], progress["step"]) and second == sorted(set(second))
+    assert sorted(set(first) | set(second)) == [(t, s) for t in range(2) for s in range(6)]
     a, b = _adapters(ref / "checkpoints" / "task-001"), _adapters(run / "checkpoints" / "task-001")
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
@@ -121,10 +150,14 @@ def test_zero2_with_bf16_autocast_runs_and_resumes(world, tmp_path):
     """The shipped bf16 configs (torch autocast of the backbone) with ZeRO stage 2: train, checkpoint, resume."""
     run = tmp_path / "z2"
     args = ["train.ds_config=bf16_zero2", "train.iterations=2", "train.checkpoint_every=1", "ddas.iterations=5"]
-    killed = subprocess.run(train_cmd(run, world, *args), env=cpu_env(MOECL_FAULT="kill@step:0:1"), cwd=ROOT,
+    steps = tmp_path / "steps.log"
+    killed = subprocess.run(train_cmd(run, world, *args),
+                            env=cpu_env(MOECL_FAULT="kill@step:0:1", MOECL_STEP_LOG=str(steps)), cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9 and latest_valid(run).name == "step-000-0000001"
-    run_train(run, world, *args, resume="auto")  # loads the ZeRO-2 optimizer state of the mid-task checkpoint
-    assert "resumed from" in (run / "train.log").read_text()
+    # loads the ZeRO-2 optimizer state of the mid-task checkpoint and goes on from step 1
+    run_train(run, world, *args, resume="auto", env=cpu_env(MOECL_STEP_LOG=str(steps)))
+    assert resumed_from(run) == ("step-000-0000001", 0, 1)
+    assert steps_per_process(steps) == [[(0, 0)], [(0, 1), (1, 0), (1, 1)]]
     _check_run_folder(run)
     assert json.loads((run / "report.json").read_text())["config"]["train"]["ds_config"] == "bf16_zero2"

@@ -30,7 +30,7 @@ from ..model.clip import MoECLIP
 from ..model.state import load_adapter_state, save_adapter_state
 from ..runtime import DistInfo, init_distributed
 from . import checkpoint as ckpt
-from .faults import maybe_kill, nan_here, resources
+from .faults import checkpoint_saved, maybe_kill, nan_here, resources, step_finished
 from .engine import autocast_dtype, build_engine, ds_config, lr_at, micro_batch
 
 log = logging.getLogger("moecl")
@@ -245,7 +245,10 @@ class ContinualTrainer:
                     aux_sum += float(aux.detach()) / cfg.train.grad_accum
                     seen += images.shape[0] * self.info.world_size
                 maybe_kill("step", t, step, self.info.rank)
+                logging_step = self.is_main and ((step + 1) % cfg.runtime.log_every == 0 or step + 1 == total)
+                grad_norm = _grad_norm(params) if logging_step else None  # before step() clears the gradients
                 engine.step()
+                step_finished(t, step, self.info.rank)
                 self.progress.step += 1
                 if self.is_main and (self.progress.step % cfg.runtime.log_every == 0 or self.progress.step == total):
                     rate = seen / max(time.time() - tic, 1e-9)
@@ -253,7 +256,8 @@ class ContinualTrainer:
                     self.writer.add_scalar("train/loss", loss_sum, gstep)
                     self.writer.add_scalar("train/lr", lr, gstep)
                     self.writer.add_scalar("train/aux_loss", aux_sum, gstep)
-                    gn = engine.get_global_grad_norm()
+                    gn = engine.get_global_grad_norm()  # set by DeepSpeed's ZeRO / bf16 optimizers only
+                    gn = grad_norm if gn is None else gn
                     if gn is not None:
                         self.writer.add_scalar("train/grad_norm", float(gn), gstep)
                     self.writer.add_scalar("train/images_per_s", rate, gstep)
@@ -417,6 +421,7 @@ class ContinualTrainer:
         maybe_kill("checkpoint", t - 1 if task_end else t, None if task_end else step, self.info.rank)
         if self.is_main:
             ckpt.finalize(tmp, root / name, {"task": t, "step": step, "task_end": task_end})
+            checkpoint_saved(t, step)
             ckpt.prune_steps(self.run_dir, self.cfg.train.keep_checkpoints if not task_end else 0)
             log.info("checkpoint %s", root / name)
         self._barrier()
@@ -502,6 +507,15 @@ class ContinualTrainer:
             return
         from ..evaluation.report import write_report
         write_report(self.run_dir, self._report())
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> Optional[float]:
+    """L2 norm of this rank's gradients (all of them at ep_size 1; the local expert shard otherwise), or None
+    when the optimizer holds them (ZeRO). One host sync, taken only at logging steps."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def _peak_rss() -> int:
