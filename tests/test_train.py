@@ -161,3 +161,36 @@ def test_zero2_with_bf16_autocast_runs_and_resumes(world, tmp_path):
     assert steps_per_process(steps) == [[(0, 0)], [(0, 1), (1, 0), (1, 1)]]
     _check_run_folder(run)
     assert json.loads((run / "report.json").read_text())["config"]["train"]["ds_config"] == "bf16_zero2"
+
+
+def test_tensorboard_has_the_documented_tags(tiny_run):
+    """README, run folder: loss, lr, gradient norm, images/s, aux loss, expert-selection histograms per block
+    and tower, the frozen set, DDAS thresholds, accuracies; one scalar per step at runtime.log_every=1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from moecl.train.engine import lr_at
+    _, run = tiny_run
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    steps = list(range(1, 9))  # tiny.yaml: 2 tasks x 4 steps, logged after every step
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/aux_loss"):
+        assert [e.step for e in events.Scalars(tag)] == steps, tag
+    norms = [e.value for e in events.Scalars("train/grad_norm")]
+    assert all(0 < v < float("inf") for v in norms), norms
+    # the learning-rate schedule: warmup 1, then cosine within each task, peak 1e-3 (tiny.yaml)
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs == pytest.approx([lr_at(s, 4, 1e-3, 1) for s in range(4)] * 2)
+    assert lrs[:4] == pytest.approx([1e-3, 1e-3, 7.5e-4, 2.5e-4])  # by hand: warmup, then (1 + cos(k pi / 3)) / 2
+    sites = [f"experts/{tower}_block{i}" for tower in ("image", "text") for i in range(2)]
+    assert sorted(tags["histograms"]) == sorted(sites)
+    assert all([e.step for e in events.Histograms(s)] == [0, 1] for s in sites)
+    assert [e.step for e in events.Scalars("experts/frozen_total")] == [0, 1]
+    frozen = [sum(int(v.sum()) for k, v in _adapters(run / "checkpoints" / f"task-00{t}").items()
+                  if k.endswith(".frozen")) for t in (0, 1)]
+    assert frozen[0] == 8 and [e.value for e in events.Scalars("experts/frozen_total")] == frozen  # 2 x 4 sites
+    assert "experts/frozen/text_summary" in tags["tensors"]
+    assert [e.step for e in events.Scalars("ddas/threshold")] == [0, 1]
+    for mode in ("oracle", "agnostic"):
+        for name in ("shapes", "digits", "colors"):
+            assert [e.step for e in events.Scalars(f"accuracy_{mode}/{name}")] == [0, 1], (mode, name)
