@@ -43,11 +43,13 @@ def read_json(path: Path) -> dict:
 
 
 def build_world(out: Path, domains: str = "shapes,digits,colors", held_out: int = 1, train: int = 16,
-                test: int = 8) -> Path:
+                test: int = 8, shard_size: int | None = None) -> Path:
     """A tiny synthetic world (a few seconds)."""
     cmd = [sys.executable, "-m", "data_tools", "synthetic", "--out", str(out), "--domains", domains,
            "--held-out", str(held_out), "--train-per-class", str(train), "--test-per-class", str(test),
            "--pretrain-per-class", "0", "--no-progress"]
+    if shard_size:
+        cmd += ["--shard-size", str(shard_size)]
     subprocess.run(cmd, env=cpu_env(), check=True, capture_output=True, cwd=ROOT, timeout=300)
     return out
 
