@@ -70,6 +70,16 @@ def _stable_seed(*parts: Any) -> int:
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:12], 16)
 
 
+def class_tokens(tokenizer, task) -> torch.Tensor:
+    """The training prompts of ``task``'s classes, in label order (one row per class)."""
+    return tokenizer([fill_template(task.train_template, c) for c in task.classnames])
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The training objective: CLIP logits against the task's class prompts, cross-entropy (fp32)."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
 class ContinualTrainer:
     """Runs a whole task sequence; see ``moecl train --help``."""
 
@@ -197,7 +207,7 @@ class ContinualTrainer:
             self._load_optimizer(optimizer)  # restores the RNG of the chunk boundary too
         else:  # each task starts from its own seed, so a resume from a task end replays it exactly
             torch.manual_seed(_stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
-        tokens = self.tokenizer([fill_template(task.train_template, c) for c in task.classnames]).to(self.device)
+        tokens = class_tokens(self.tokenizer, task).to(self.device)
         text_task = t if self.method == "moe-adapters" else 0
         chunk = cfg.train.checkpoint_every or total
         bar = self._bar(task.name, total)
@@ -227,7 +237,7 @@ class ContinualTrainer:
                     images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
                     with self.autocast():
                         logits = engine(images, tokens, text_task if self.method != "full-ft" else -1)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
+                    loss = task_loss(logits, labels, cfg.train.label_smoothing)
                     if nan_here(t, step, self.info.rank):
                         loss = loss * float("nan")
                     aux = self.model.aux_loss().to(loss.device)
