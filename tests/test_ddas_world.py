@@ -25,6 +25,7 @@ from moecl.model import image_size_of
 from moecl.train.loop import _stable_seed
 
 DOMAINS = "shapes,textures,digits,arrows"  # the default order's first four; the last is held out
+pytestmark = pytest.mark.slow  # a 4-domain world of 100 train / 25 test images per class, features of all
 RIGHT_TASK, UNTRAINED_TO_ZERO_SHOT = 0.95, 0.95  # the rates, met on the pretrained backbone
 
 
