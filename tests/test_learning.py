@@ -2,15 +2,14 @@
 pretrained tiny CLIP (tests/data/pretrained_tiny, see its provenance.json). A random tiny CLIP cannot show this:
 its image features barely differ between images, and tens of steps move nothing.
 
-Settings: tiny.yaml with the demo's adapter scale (moe.scale=1.0) and a 5e-3 learning rate; the task is "digits",
-on which the pretrained CLIP's zero-shot accuracy is lowest of the session world's tasks (73% on the demo world).
+Settings: tiny.yaml with the demo's adapter scale (moe.scale=1.0) and a 5e-3 learning rate.
 """
 import json
 
 import pytest
 import torch
 
-from helpers import run_train
+from helpers import build_world, run_train
 from moecl.config import load_config
 from moecl.data import eval_batches, load_sequence, make_transforms
 from moecl.model import build_model, image_size_of, tokenizer_for
@@ -53,7 +52,7 @@ def test_adapters_fit_a_fixed_batch_with_the_trainers_loss(world, pretrained_tin
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     after = _accuracy(model, images, tokens, labels)
     print(f"\nfixed batch: loss {losses[0]:.3f} -> {losses[-1]:.3f}, accuracy {before:.3f} -> {after:.3f}")
     assert losses[-1] <= losses[0] - 0.5, losses
@@ -61,13 +60,17 @@ def test_adapters_fit_a_fixed_batch_with_the_trainers_loss(world, pretrained_tin
 
 
 @pytest.mark.slow
-def test_a_trained_task_beats_its_zero_shot_accuracy(world, pretrained_tiny, tmp_path):
-    """`moecl train` end to end: after training digits, its test accuracy (oracle route) is at least 10 points
-    above its accuracy before (row 0: digits not yet trained, so routed to plain CLIP)."""
+def test_a_trained_task_beats_its_zero_shot_accuracy(pretrained_tiny, tmp_path):
+    """`moecl train` end to end on a world of digits then clocks (100 train / 20 test images per class; clocks is
+    the domain the pretrained CLIP knows least, 68% zero-shot on the demo world): after 150 steps on clocks its test
+    accuracy (oracle route) is at least 8 points above row 0's (clocks not yet trained: routed to plain CLIP).
+    Measured: 66.7 -> 80.0 (digits 1 step, clocks 150; demo adapter width and scale, no label smoothing)."""
+    world = build_world(tmp_path / "w", domains="digits,clocks", held_out=0, train=100, test=20)
     run = tmp_path / "run"
-    run_train(run, world, f"model.init_checkpoint={pretrained_tiny}", *LEARN, "train.iterations=40",
-              "train.warmup=5")
+    run_train(run, world, f"model.init_checkpoint={pretrained_tiny}", *LEARN, "moe.width=16",
+              "train.label_smoothing=0.0", "train.iterations=[1,150]", "train.warmup=10", "data.batch_size=32",
+              "ddas.iterations=20")
     matrix = json.loads((run / "report.json").read_text())["methods"]["moecl"]["oracle"]["matrix"]
-    (shapes0, digits0, _), (shapes1, digits1, _) = matrix
-    print(f"\ndigits: zero-shot {digits0:.1f} -> trained {digits1:.1f}; shapes {shapes0:.1f} -> {shapes1:.1f}")
-    assert digits1 >= digits0 + 10, matrix
+    (_, clocks0), (_, clocks1) = matrix
+    print(f"\nclocks: zero-shot {clocks0:.1f} -> trained {clocks1:.1f}")
+    assert clocks1 >= clocks0 + 8, matrix
