@@ -64,11 +64,12 @@ def test_a_trained_task_beats_its_zero_shot_accuracy(pretrained_tiny, tmp_path):
     """`moecl train` end to end on a world of digits then clocks (100 train / 20 test images per class; clocks is
     the domain the pretrained CLIP knows least, 68% zero-shot on the demo world): after 150 steps on clocks its test
     accuracy (oracle route) is at least 8 points above row 0's (clocks not yet trained: routed to plain CLIP).
-    Measured: 66.7 -> 80.0 (digits 1 step, clocks 150; demo adapter width and scale, no label smoothing)."""
+    Measured: 66.7 -> 80.0 (150 steps per task, demo adapter width and scale, no label smoothing). Fragile: with 1
+    step on digits first (2 of 4 experts per block frozen near their initial weights) clocks ended at 65.8."""
     world = build_world(tmp_path / "w", domains="digits,clocks", held_out=0, train=100, test=20)
     run = tmp_path / "run"
     run_train(run, world, f"model.init_checkpoint={pretrained_tiny}", *LEARN, "moe.width=16",
-              "train.label_smoothing=0.0", "train.iterations=[1,150]", "train.warmup=10", "data.batch_size=32",
+              "train.label_smoothing=0.0", "train.iterations=150", "train.warmup=10", "data.batch_size=32",
               "ddas.iterations=20")
     matrix = json.loads((run / "report.json").read_text())["methods"]["moecl"]["oracle"]["matrix"]
     (_, clocks0), (_, clocks1) = matrix

@@ -55,6 +55,7 @@ def test_single_process_run_keeps_old_routers_and_frozen_experts(tiny_run):
     assert checked > 0
     meta = json.loads((run / "checkpoints" / "task-001" / "adapters" / "adapters.json").read_text())
     assert meta["num_tasks"] == 2
+    _check_activate_freeze(run, iterations=4, ranks=1)
     # the unfrozen experts did train in task 1
     unfrozen = [k for k in a0 if ".experts." in k and k.endswith("up.weight")
                 and not frozen0[k.split(".experts.")[0]][int(k.split(".experts.")[1].split(".")[0])]]
@@ -76,6 +77,7 @@ def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launc
     assert sum(1 for k in state if k.startswith("image.0.experts.") and k.endswith("up.weight")) == 4
     log = (run / "train.log").read_text()
     assert "2 rank(s)" in log
+    _check_activate_freeze(run, iterations=2, ranks=2)  # counts summed over both ranks, frozen = their top 2
     # the checkpoint of the 2-rank, ep_size 2 run evaluated in one process at ep_size 1 gives the report's rows
     results, _ = evaluate_run(run, device="cpu")
     for mode in ("oracle", "agnostic"):
@@ -96,6 +98,25 @@ def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launc
     kept = [k for k in a0 if k.endswith((".router.0", ".noise.0")) or (".experts." in k and _frozen_in(a0, k))]
     assert kept and all(torch.equal(a0[k], b1[k]) for k in kept), "task 0's routers or frozen experts changed"
     assert any(not torch.equal(a0[k], b1[k]) for k in a0 if ".experts." in k), "task 1 did not train at ep_size 1"
+
+
+def _check_activate_freeze(run, iterations, ranks, batch=16, top_k=2, freeze_top=2):
+    """Each site's counts sum to steps x samples x top_k over all ranks (image: the global batch; text: every
+    rank encodes each class prompt), and the frozen set grows by the top ``freeze_top`` of the task's counts."""
+    seq = [json.loads((run / "checkpoints" / f"task-00{t}" / "trainer.json").read_text()) for t in (0, 1)]
+    frozen_before = {}
+    for t, classes in enumerate((8, 10)):  # shapes, digits
+        state = _adapters(run / "checkpoints" / f"task-00{t}")
+        newly = seq[t]["progress"]["frozen"][t]
+        for site in sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".counts")}):
+            counts = state[f"{site}.counts"]
+            per_step = batch if site.startswith("image") else ranks * classes
+            assert int(counts.sum()) == iterations * per_step * top_k, (t, site, counts.tolist())
+            top = sorted(range(len(counts)), key=lambda e: (-int(counts[e]), e))[:freeze_top]
+            assert newly[site] == top, (t, site, counts.tolist(), newly[site])
+            frozen = set(state[f"{site}.frozen"].nonzero().flatten().tolist())
+            assert frozen == frozen_before.get(site, set()) | set(top), (t, site)
+            frozen_before[site] = frozen
 
 
 def _frozen_in(state, key):
