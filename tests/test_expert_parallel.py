@@ -1,4 +1,5 @@
 """Expert parallelism on real processes (gloo, CPU): ep_size 2 == ep_size 1, and states load across sizes."""
+import pytest
 import torch
 
 from helpers import read_json, torchrun
@@ -7,6 +8,7 @@ from moecl.model import build_model
 from moecl.model.state import load_adapter_state
 
 
+@pytest.mark.slow  # two processes
 def test_ep2_matches_ep1_and_state_moves_between_ep_sizes(tmp_path):
     torchrun("tests/dist/ep_equivalence.py", str(tmp_path), nproc=2)
     for rank in (0, 1):
