@@ -1,5 +1,6 @@
 """`moecl train` end to end on CPU: real processes, real DeepSpeed engines, real WebDataset shards."""
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -218,3 +219,21 @@ def test_tensorboard_has_the_documented_tags(tiny_run):
     for mode in ("oracle", "agnostic"):
         for name in ("shapes", "digits", "colors"):
             assert [e.step for e in events.Scalars(f"accuracy_{mode}/{name}")] == [0, 1], (mode, name)
+
+
+def test_lr_schedule_matches_a_hand_worked_table():
+    """Linear warmup over 2 steps to the peak, then cosine from the peak to 0 over the remaining 8 steps."""
+    from moecl.train.engine import lr_at
+    table = {0: 0.5, 1: 1.0, 2: 1.0, 4: 0.5 * (1 + math.sqrt(0.5)), 6: 0.5, 8: 0.5 * (1 - math.sqrt(0.5)), 10: 0.0}
+    assert {s: lr_at(s, 10, 1.0, 2) for s in table} == pytest.approx(table)
+    assert lr_at(3, 4, 1e-3, 0) == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 3 / 4)))  # no warmup
+
+
+def test_task_loss_applies_label_smoothing():
+    """Cross-entropy with smoothing eps over C classes: -(1 - eps) log p_y - eps/C sum_c log p_c, by hand."""
+    from moecl.train.loop import task_loss
+    logits, label, eps = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0]), 0.3
+    logp = [x - math.log(math.exp(2.0) + 1.0 + math.exp(-1.0)) for x in (2.0, 0.0, -1.0)]
+    expected = -(1 - eps) * logp[0] - eps / 3 * sum(logp)
+    assert float(task_loss(logits, label, eps)) == pytest.approx(expected, rel=1e-6)
+    assert float(task_loss(logits, label, 0.0)) == pytest.approx(-logp[0], rel=1e-6)
