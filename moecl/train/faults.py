@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Optional
 
 
@@ -61,7 +62,6 @@ def step_finished(task: int, step: int, rank: int = 0) -> None:
             if kind == "step" and int(fields[1]) == rank and (int(fields[2]), int(fields[3])) == (task, step):
                 ran_before = True
             elif kind == "checkpoint" and ran_before and (int(fields[1]), int(fields[2])) > (task, step):
-                import sys
                 print(f"MOECL_STEP_LOG: task {task} step {step} ran again on rank {rank}, but checkpoint (task "
                       f"{fields[1]}, step {fields[2]}) already held it", file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
