@@ -34,3 +34,17 @@ def test_hostile_skeleton_raises_the_checkpoint_error(tmp_path, hostile, message
     (tmp_path / "opt.json").write_text(json.dumps({"__dict__": [["x", hostile]]}))
     with pytest.raises(CheckpointError, match=message):
         load_nested(tmp_path, "opt")
+
+
+def test_pruning_keeps_the_newest_mid_task_checkpoints_and_every_task_end(tmp_path):
+    """train.keep_checkpoints: mid-task checkpoints beyond the newest K go (ordered by task then step, not by
+    name length), task-end checkpoints stay; 0 (what a task end passes) removes every mid-task one."""
+    from moecl.train.checkpoint import list_checkpoints, prune_steps, step_dir_name, task_dir_name
+    names = [step_dir_name(0, 2), step_dir_name(0, 10), task_dir_name(0), step_dir_name(1, 3), step_dir_name(1, 12)]
+    for name in names:
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == names
+    prune_steps(tmp_path, 2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [task_dir_name(0), step_dir_name(1, 3), step_dir_name(1, 12)]
+    prune_steps(tmp_path, 0)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [task_dir_name(0)]
