@@ -237,3 +237,13 @@ def test_task_loss_applies_label_smoothing():
     expected = -(1 - eps) * logp[0] - eps / 3 * sum(logp)
     assert float(task_loss(logits, label, eps)) == pytest.approx(expected, rel=1e-6)
     assert float(task_loss(logits, label, 0.0)) == pytest.approx(-logp[0], rel=1e-6)
+
+
+def test_grad_clip_accumulation_and_zero_stage_reach_the_deepspeed_config():
+    from moecl.config import load_config
+    from moecl.train.engine import ds_config
+    cfg = load_config("tiny", ["train.grad_clip=0.5", "train.grad_accum=2", "data.batch_size=16", "train.zero_stage=1",
+                               "train.ds_config=cpu"])
+    ds = ds_config(cfg, 2, torch.device("cpu"))
+    assert (ds["gradient_clipping"], ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"],
+            ds["train_batch_size"], ds["zero_optimization"]["stage"]) == (0.5, 2, 4, 16, 1)
