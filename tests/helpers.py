@@ -1,6 +1,7 @@
 """Shared test helpers: launching real multi-process runs."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -42,18 +43,22 @@ def read_json(path: Path) -> dict:
 
 
 def build_world(out: Path, domains: str = "shapes,digits,colors", held_out: int = 1, train: int = 16,
-                test: int = 8) -> Path:
+                test: int = 8, shard_size: int | None = None) -> Path:
     """A tiny synthetic world (a few seconds)."""
     cmd = [sys.executable, "-m", "data_tools", "synthetic", "--out", str(out), "--domains", domains,
            "--held-out", str(held_out), "--train-per-class", str(train), "--test-per-class", str(test),
            "--pretrain-per-class", "0", "--no-progress"]
+    if shard_size:
+        cmd += ["--shard-size", str(shard_size)]
     subprocess.run(cmd, env=cpu_env(), check=True, capture_output=True, cwd=ROOT, timeout=300)
     return out
 
 
 def train_cmd(run: Path, world: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
               config: str = "tiny", launcher: str = "torchrun") -> list[str]:
-    if nproc == 1:
+    if nproc == 1 and launcher == "console":  # the installed `moecl` script itself, next to this python
+        base = [str(Path(sys.executable).parent / "moecl")]
+    elif nproc == 1:
         base = [sys.executable, "-m", "moecl"]
     elif launcher == "torchrun":
         base = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -69,22 +74,28 @@ def train_cmd(run: Path, world: Path, *overrides: str, nproc: int = 1, resume: s
 
 
 def run_train(run: Path, world: Path, *overrides: str, nproc: int = 1, resume: str | None = None,
-              timeout: int = 600, check: bool = True, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+              timeout: int = 600, check: bool = True, launcher: str = "torchrun",
+              env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(train_cmd(run, world, *overrides, nproc=nproc, resume=resume, launcher=launcher),
-                          env=cpu_env(),
+                          env=env or cpu_env(),
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"moecl train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def shared_tiny_run(tmp_path_factory) -> tuple[Path, Path]:
-    """One tiny world + 2-task run per test session, shared by test_eval_cli.py and test_predict.py."""
-    import shutil
-    base = tmp_path_factory.getbasetemp() / "moecl-tiny-eval-run"
-    if not (base / "DONE").is_file():
-        shutil.rmtree(base, ignore_errors=True)
-        world = build_world(base / "world")  # shapes, digits; colors held out
-        run_train(base / "run", world)
-        (base / "DONE").write_text("ok")
-    return base / "world", base / "run"
+def resumed_from(run: Path) -> tuple[str, int, int] | None:
+    """(checkpoint name, task, step) of the last "resumed from" line of RUN/train.log, or None."""
+    found = re.findall(r"resumed from (\S+) \(task (\d+), step (\d+)\)", (Path(run) / "train.log").read_text())
+    return (Path(found[-1][0]).name, int(found[-1][1]), int(found[-1][2])) if found else None
+
+
+def steps_per_process(step_log: Path, rank: int = 0) -> list[list[tuple[int, int]]]:
+    """The (task, step) pairs each process finished on ``rank``, in order, one list per process, from the file
+    MOECL_STEP_LOG names (moecl/train/faults.py; a step that a checkpoint already held kills the run)."""
+    runs: dict[str, list[tuple[int, int]]] = {}
+    for line in Path(step_log).read_text().splitlines():
+        kind, pid, *rest = line.split()
+        if kind == "step" and int(rest[0]) == rank:
+            runs.setdefault(pid, []).append((int(rest[1]), int(rest[2])))
+    return list(runs.values())

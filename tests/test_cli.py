@@ -2,6 +2,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,8 +36,21 @@ def test_configs_lists_shipped(capsys):
 
 
 def test_console_script_installed():
-    out = subprocess.run([sys.executable, "-m", "moecl", "configs"], capture_output=True, text=True, check=True)
+    """The `moecl` entry point pip installed (not `python -m moecl`), in a clean environment."""
+    from helpers import cpu_env
+    script = Path(sys.executable).parent / "moecl"
+    env = {k: v for k, v in cpu_env().items() if k != "DS_ACCELERATOR"}
+    out = subprocess.run([str(script), "configs"], capture_output=True, text=True, check=True, env=env)
     assert "mtil_order2" in out.stdout
+
+
+def test_console_script_trains_without_ds_accelerator_set(tiny_run):
+    """conftest's tiny_run is `moecl train` through the console script with DS_ACCELERATOR removed from the
+    environment: moecl set DeepSpeed's CPU accelerator itself, and the run finished on the CPU."""
+    _, run = tiny_run
+    log = (run / "train.log").read_text()
+    assert "1 rank(s) on cpu" in log and "task 1 done" in log
+    assert (run / "checkpoints" / "task-001" / "MANIFEST.json").is_file()
 
 
 def test_bad_config_is_a_message_not_a_traceback(tmp_path, capsys):
@@ -57,5 +71,6 @@ def test_parser_accepts_documented_forms():
 def test_overrides_may_follow_options(tmp_path, capsys):
     rc = main(["train", "--config", "tiny", "--out", str(tmp_path / "r"), "--resume", "auto", "moe.num_expert=3"])
     assert rc == 2 and "did you mean 'moe.num_experts'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         main(["eval", "RUN", "--checkpoint", "x", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

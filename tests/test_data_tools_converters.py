@@ -171,6 +171,8 @@ def test_cil_cifar100_steps_follow_the_published_order(tmp_path):
     seq = load_sequence(out, "cifar100_10")  # the shipped sequence finds every step
     assert seq.kind == "cil" and len(seq.tasks) == 10
     order = benchmark("cil")["cifar100"]["order"]
+    published = json.loads((Path(__file__).parent / "data" / "published_cil_orders.json").read_text())["cifar100"]
+    assert order == published  # the implementation's JSON against the order vendored from the iCaRL code
     first, last = seq.tasks[0], seq.tasks[-1]
     assert first.class_ids == order[:10] and first.classnames[:2] == ["television", "apple"]  # ids 87, 0
     assert first.train_template == "a bad photo of a {}." and first.counts == {"train": 10, "test": 10}

@@ -3,23 +3,48 @@ import json
 import logging
 import math
 
+import subprocess
+import sys
+
 import pytest
 
-from moecl.cli import main
+from helpers import ROOT, cpu_env
+
 
 NAMES = ["zero-shot", "continual-ft", "moe-adapters-reference", "moecl"]
+
+
+def _demo(out, cache) -> subprocess.CompletedProcess:
+    """`moecl demo --quick` in its own process: it leaves no process group or environment in the test process."""
+    proc = subprocess.run([sys.executable, "-m", "moecl", "demo", "--quick", "--out", str(out), "--cache", str(cache)],
+                          env=cpu_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     out, cache = root / "run", root / "cache"
-    propagate = logging.getLogger("moecl").propagate
-    assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
-    assert logging.getLogger("moecl").propagate == propagate, "the demo restores the logging it quiets"
+    _demo(out, cache)
     return out, cache
 
 
+def test_demo_restores_the_logging_it_quiets():
+    """In process, the demo's console quieting is undone on exit (checked without running the demo)."""
+    from moecl.demo import _quiet_console
+    import torch
+    logger, root, names = logging.getLogger("moecl"), logging.getLogger(), ("DeepSpeed", "deepspeed", "open_clip")
+    before = (logger.propagate, list(root.filters), [logging.getLogger(n).level for n in names],
+              torch.get_num_threads())
+    with _quiet_console():
+        assert not logger.propagate and root.filters != before[1]  # quieted inside
+        torch.set_num_threads(before[3] + 1)
+    assert (logger.propagate, list(root.filters), [logging.getLogger(n).level for n in names],
+            torch.get_num_threads()) == before
+
+
+@pytest.mark.slow  # the quick demo: world, pretraining and three runs
 def test_report_has_every_method_with_matrices_and_finite_metrics(quick_demo):
     out, _ = quick_demo
     report = json.loads((out / "report.json").read_text())
@@ -48,6 +73,7 @@ def test_report_has_every_method_with_matrices_and_finite_metrics(quick_demo):
     assert len(runs["moe-adapters"]["ddas"]) == len(tasks)
 
 
+@pytest.mark.slow  # the quick demo: world, pretraining and three runs
 def test_heatmaps_tensorboard_and_sub_runs_exist(quick_demo):
     out, _ = quick_demo
     plots = {p.name for p in (out / "plots").glob("*.png")}
@@ -62,15 +88,15 @@ def test_heatmaps_tensorboard_and_sub_runs_exist(quick_demo):
     assert (out / "report.md").read_text().startswith("# moecl report")
 
 
-def test_second_run_reuses_the_cache_and_finished_sub_runs(quick_demo, capsys):
+@pytest.mark.slow  # the quick demo: world, pretraining and three runs
+def test_second_run_reuses_the_cache_and_finished_sub_runs(quick_demo):
     out, cache = quick_demo
     worlds = list((cache / "worlds").iterdir())
     weights = list((cache / "pretrained").glob("*/model.safetensors"))
     assert len(worlds) == 1 and len(weights) == 1
     stamp = weights[0].stat().st_mtime_ns
     before = json.loads((out / "report.json").read_text())["methods"]
-    assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
-    printed = capsys.readouterr().out
+    printed = _demo(out, cache).stdout
     assert "(cached)" in printed and "Summary" in printed
     assert weights[0].stat().st_mtime_ns == stamp
     after = json.loads((out / "report.json").read_text())["methods"]
@@ -78,6 +104,7 @@ def test_second_run_reuses_the_cache_and_finished_sub_runs(quick_demo, capsys):
            {k: {m: e["matrix"] for m, e in v.items()} for k, v in before.items()}
 
 
+@pytest.mark.slow  # the quick demo: world, pretraining and three runs
 def test_pretraining_is_cached_by_its_parameters(quick_demo):
     from moecl.demo import PRETRAIN_QUICK, WORLD_QUICK, _world_dir
     from moecl.pretrain import cache_key, cached_result

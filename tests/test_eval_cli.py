@@ -6,7 +6,6 @@ import pytest
 import torch
 import yaml
 
-from helpers import shared_tiny_run, build_world, run_train
 from moecl.cli import main
 from moecl.errors import CheckpointError
 from moecl.evaluation.cli import evaluate_run
@@ -14,8 +13,8 @@ from moecl.evaluation.loading import load_run
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return shared_tiny_run(tmp_path_factory)
+def tiny(tiny_run):
+    return tiny_run
 
 
 def _report(run):

@@ -8,7 +8,7 @@ from moecl.model import build_model
 from moecl.model.state import load_adapter_state
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two processes
 def test_ep2_matches_ep1_and_state_moves_between_ep_sizes(tmp_path):
     torchrun("tests/dist/ep_equivalence.py", str(tmp_path), nproc=2)
     for rank in (0, 1):

@@ -297,9 +297,13 @@ def test_vit_b16_trainable_count_matches_published_code():
         m.add_task()
     experts = sum(p.numel() for s in m.moe_sites() for p in s.local_experts.parameters())
     routers = sum(p.numel() for s in m.moe_sites() for p in list(s.gate.routers) + list(s.gate.noise))
-    assert experts == 43_625_472
-    assert routers == 7_434_240
-    assert experts + routers == 51_059_712
+    # by hand: 12 image blocks (width 768) and 12 text blocks (width 512), 22 experts of rank 64 each
+    # (down d x 64 + 64, up 64 x d + d), and per task and block a router and a noise projection of d x 22
+    blocks, experts_per_block, r, tasks = 12, 22, 64, 11
+    expert = lambda d: d * r + r + r * d + d  # noqa: E731
+    assert experts == blocks * experts_per_block * (expert(768) + expert(512)) == 43_625_472
+    assert routers == tasks * blocks * 2 * experts_per_block * (768 + 512) == 7_434_240
+    assert experts + routers == 51_059_712  # the published code's count
     assert len(m.image_sites) == 12 and len(m.text_sites) == 12
 
 

@@ -8,15 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import shared_tiny_run, build_world, run_train
 from moecl.cli import main
 from moecl.errors import DataError
 from moecl.evaluation.predict import Predictor, find_images
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    world, run = shared_tiny_run(tmp_path_factory)
+def tiny(tiny_run, tmp_path_factory):
+    world, run = tiny_run
     images = tmp_path_factory.mktemp("images")
     for domain in ("shapes", "digits", "colors"):  # test images as files: 64, 80 and 64
         with tarfile.open(world / domain / "test-000000.tar") as tar:

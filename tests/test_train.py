@@ -1,5 +1,7 @@
 """`moecl train` end to end on CPU: real processes, real DeepSpeed engines, real WebDataset shards."""
 import json
+import math
+import shutil
 import signal
 import subprocess
 import time
@@ -8,13 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, build_world, cpu_env, run_train, train_cmd
+from helpers import ROOT, cpu_env, resumed_from, run_train, steps_per_process, train_cmd
 from moecl.train.checkpoint import latest_valid, list_checkpoints, verify
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("world") / "w")
 
 
 def _adapters(ckpt_dir):
@@ -37,14 +34,16 @@ def _check_run_folder(run, num_tasks=2):
     return report
 
 
-def test_single_process_run_keeps_old_routers_and_frozen_experts(world, tmp_path):
-    run = tmp_path / "run"
-    run_train(run, world, "train.iterations=3")
+def test_single_process_run_keeps_old_routers_and_frozen_experts(tiny_run):
+    _, run = tiny_run
     _check_run_folder(run)
     a0, a1 = _adapters(run / "checkpoints" / "task-000"), _adapters(run / "checkpoints" / "task-001")
-    routers0 = [k for k in a0 if ".router.0" in k or ".noise.0" in k]
+    routers0 = [k for k in a0 if k.endswith((".router.0", ".noise.0"))]
     assert routers0 and all(torch.equal(a0[k], a1[k]) for k in routers0), "router 0 changed in task 1"
-    assert any(not torch.equal(a1[k.replace(".0", ".1")], torch.zeros_like(a1[k])) for k in routers0 if ".router." in k)
+    # router 1 of every site exists only after task 1 and was trained (moved away from its initial zeros)
+    routers1 = [k[:-1] + "1" for k in routers0 if k.endswith(".router.0")]
+    assert all(k not in a0 for k in routers1)
+    assert all(not torch.equal(a1[k], torch.zeros_like(a1[k])) for k in routers1)
     frozen0 = {k.rsplit(".", 1)[0]: a0[k].bool() for k in a0 if k.endswith(".frozen")}
     checked = 0
     for site, mask in frozen0.items():
@@ -57,14 +56,17 @@ def test_single_process_run_keeps_old_routers_and_frozen_experts(world, tmp_path
     assert checked > 0
     meta = json.loads((run / "checkpoints" / "task-001" / "adapters" / "adapters.json").read_text())
     assert meta["num_tasks"] == 2
+    _check_activate_freeze(run, iterations=4, ranks=1)
     # the unfrozen experts did train in task 1
     unfrozen = [k for k in a0 if ".experts." in k and k.endswith("up.weight")
                 and not frozen0[k.split(".experts.")[0]][int(k.split(".experts.")[1].split(".")[0])]]
     assert any(not torch.equal(a0[k], a1[k]) for k in unfrozen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launcher):
+    from moecl.evaluation.cli import evaluate_run
     run = tmp_path / "ep2"
     run_train(run, world, "moe.ep_size=2", "train.iterations=2", "train.checkpoint_every=1", nproc=2,
               launcher=launcher)
@@ -76,16 +78,60 @@ def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launc
     assert sum(1 for k in state if k.startswith("image.0.experts.") and k.endswith("up.weight")) == 4
     log = (run / "train.log").read_text()
     assert "2 rank(s)" in log
-    # a task-end checkpoint saved at ep_size 2 resumes at ep_size 1 (one process)
-    json.loads((run / "checkpoints" / "task-001" / "trainer.json").read_text())
+    _check_activate_freeze(run, iterations=2, ranks=2)  # counts summed over both ranks, frozen = their top 2
+    # the checkpoint of the 2-rank, ep_size 2 run evaluated in one process at ep_size 1 gives the report's rows
+    results, _ = evaluate_run(run, device="cpu")
+    for mode in ("oracle", "agnostic"):
+        entry = report["methods"]["moecl"][mode]
+        assert results["modes"][mode]["row"] == entry["matrix"][-1], mode
+        assert results["modes"][mode]["routing_confusion"] == entry["routing_confusion"], mode
+    if launcher != "torchrun":
+        return
+    # its task-end checkpoint resumes in one process at ep_size 1: task 0 is kept as it was, task 1 trains
+    one = tmp_path / "ep1"
+    run_train(one, world, "moe.ep_size=1", "train.iterations=2", resume=str(run / "checkpoints" / "task-000"))
+    assert resumed_from(one) == ("task-000", 1, 0) and "1 rank(s)" in (one / "train.log").read_text()
+    resumed = json.loads((one / "report.json").read_text())
+    assert resumed["config"]["moe"]["ep_size"] == 1
+    for mode in ("oracle", "agnostic"):
+        assert resumed["methods"]["moecl"][mode]["matrix"][0] == report["methods"]["moecl"][mode]["matrix"][0]
+    a0, b1 = _adapters(run / "checkpoints" / "task-000"), _adapters(one / "checkpoints" / "task-001")
+    kept = [k for k in a0 if k.endswith((".router.0", ".noise.0")) or (".experts." in k and _frozen_in(a0, k))]
+    assert kept and all(torch.equal(a0[k], b1[k]) for k in kept), "task 0's routers or frozen experts changed"
+    assert any(not torch.equal(a0[k], b1[k]) for k in a0 if ".experts." in k), "task 1 did not train at ep_size 1"
 
 
+def _check_activate_freeze(run, iterations, ranks, batch=16, top_k=2, freeze_top=2):
+    """Each site's counts sum to steps x samples x top_k over all ranks (image: the global batch; text: every
+    rank encodes each class prompt), and the frozen set grows by the top ``freeze_top`` of the task's counts."""
+    seq = [json.loads((run / "checkpoints" / f"task-00{t}" / "trainer.json").read_text()) for t in (0, 1)]
+    frozen_before = {}
+    for t, classes in enumerate((8, 10)):  # shapes, digits
+        state = _adapters(run / "checkpoints" / f"task-00{t}")
+        newly = seq[t]["progress"]["frozen"][t]
+        for site in sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".counts")}):
+            counts = state[f"{site}.counts"]
+            per_step = batch if site.startswith("image") else ranks * classes
+            assert int(counts.sum()) == iterations * per_step * top_k, (t, site, counts.tolist())
+            top = sorted(range(len(counts)), key=lambda e: (-int(counts[e]), e))[:freeze_top]
+            assert newly[site] == top, (t, site, counts.tolist(), newly[site])
+            frozen = set(state[f"{site}.frozen"].nonzero().flatten().tolist())
+            assert frozen == frozen_before.get(site, set()) | set(top), (t, site)
+            frozen_before[site] = frozen
+
+
+def _frozen_in(state, key):
+    site, rest = key.split(".experts.")
+    return bool(state[f"{site}.frozen"][int(rest.split(".")[0])])
+
+
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_final_state(world, tmp_path):
     common = ["train.iterations=6", "train.checkpoint_every=2", "train.deterministic=true", "ddas.iterations=20"]
     ref = tmp_path / "ref"
     run_train(ref, world, *common)
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(run, world, *common), env=cpu_env(), cwd=ROOT,
+    run, steps = tmp_path / "killed", tmp_path / "steps.log"
+    proc = subprocess.Popen(train_cmd(run, world, *common), env=cpu_env(MOECL_STEP_LOG=str(steps)), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -95,9 +141,15 @@ def test_kill_and_resume_gives_the_same_final_state(world, tmp_path):
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert latest_valid(run) is not None
-    out = run_train(run, world, *common, resume="auto")
-    assert "resumed from" in (run / "train.log").read_text()
+    held = latest_valid(run)
+    assert held is not None
+    progress = json.loads((held / "trainer.json").read_text())["progress"]
+    out = run_train(run, world, *common, resume="auto", env=cpu_env(MOECL_STEP_LOG=str(steps)))
+    # it resumed from the newest valid checkpoint and trained none of the steps that checkpoint holds
+    assert resumed_from(run) == (held.name, progress["task"], progress["step"])
+    first, second = steps_per_process(steps)
+    assert second[0] == (progress["task"], progress["step"]) and second == sorted(set(second))
+    assert sorted(set(first) | set(second)) == [(t, s) for t in range(2) for s in range(6)]
     a, b = _adapters(ref / "checkpoints" / "task-001"), _adapters(run / "checkpoints" / "task-001")
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
@@ -107,24 +159,91 @@ def test_kill_and_resume_gives_the_same_final_state(world, tmp_path):
     assert out.returncode == 0
 
 
-def test_resume_with_a_different_model_config_is_refused_and_existing_run_needs_resume(world, tmp_path):
+def test_resume_with_a_different_model_config_is_refused_and_existing_run_needs_resume(tiny_run, tmp_path):
+    world, shared = tiny_run
     run = tmp_path / "run"
-    run_train(run, world, "train.iterations=1", "ddas.iterations=5")
-    proc = run_train(run, world, "train.iterations=1", "moe.num_experts=6", resume="auto", check=False)
+    shutil.copytree(shared, run)
+    proc = run_train(run, world, "moe.num_experts=6", resume="auto", check=False)
     assert proc.returncode == 2
     assert "moe.num_experts=4 but this command has 6" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_train(run, world, "train.iterations=1", check=False)
+    proc = run_train(run, world, check=False)
     assert proc.returncode == 2 and "pass --resume auto" in proc.stderr
 
 
+@pytest.mark.slow
 def test_zero2_with_bf16_autocast_runs_and_resumes(world, tmp_path):
     """The shipped bf16 configs (torch autocast of the backbone) with ZeRO stage 2: train, checkpoint, resume."""
     run = tmp_path / "z2"
     args = ["train.ds_config=bf16_zero2", "train.iterations=2", "train.checkpoint_every=1", "ddas.iterations=5"]
-    killed = subprocess.run(train_cmd(run, world, *args), env=cpu_env(MOECL_FAULT="kill@step:0:1"), cwd=ROOT,
+    steps = tmp_path / "steps.log"
+    killed = subprocess.run(train_cmd(run, world, *args),
+                            env=cpu_env(MOECL_FAULT="kill@step:0:1", MOECL_STEP_LOG=str(steps)), cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9 and latest_valid(run).name == "step-000-0000001"
-    run_train(run, world, *args, resume="auto")  # loads the ZeRO-2 optimizer state of the mid-task checkpoint
-    assert "resumed from" in (run / "train.log").read_text()
+    # loads the ZeRO-2 optimizer state of the mid-task checkpoint and goes on from step 1
+    run_train(run, world, *args, resume="auto", env=cpu_env(MOECL_STEP_LOG=str(steps)))
+    assert resumed_from(run) == ("step-000-0000001", 0, 1)
+    assert steps_per_process(steps) == [[(0, 0)], [(0, 1), (1, 0), (1, 1)]]
     _check_run_folder(run)
     assert json.loads((run / "report.json").read_text())["config"]["train"]["ds_config"] == "bf16_zero2"
+
+
+def test_tensorboard_has_the_documented_tags(tiny_run):
+    """README, run folder: loss, lr, gradient norm, images/s, aux loss, expert-selection histograms per block
+    and tower, the frozen set, DDAS thresholds, accuracies; one scalar per step at runtime.log_every=1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from moecl.train.engine import lr_at
+    _, run = tiny_run
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    steps = list(range(1, 9))  # tiny.yaml: 2 tasks x 4 steps, logged after every step
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/aux_loss"):
+        assert [e.step for e in events.Scalars(tag)] == steps, tag
+    norms = [e.value for e in events.Scalars("train/grad_norm")]
+    assert all(0 < v < float("inf") for v in norms), norms
+    # the learning-rate schedule: warmup 1, then cosine within each task, peak 1e-3 (tiny.yaml)
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs == pytest.approx([lr_at(s, 4, 1e-3, 1) for s in range(4)] * 2)
+    assert lrs[:4] == pytest.approx([1e-3, 1e-3, 7.5e-4, 2.5e-4])  # by hand: warmup, then (1 + cos(k pi / 3)) / 2
+    sites = [f"experts/{tower}_block{i}" for tower in ("image", "text") for i in range(2)]
+    assert sorted(tags["histograms"]) == sorted(sites)
+    assert all([e.step for e in events.Histograms(s)] == [0, 1] for s in sites)
+    assert [e.step for e in events.Scalars("experts/frozen_total")] == [0, 1]
+    frozen = [sum(int(v.sum()) for k, v in _adapters(run / "checkpoints" / f"task-00{t}").items()
+                  if k.endswith(".frozen")) for t in (0, 1)]
+    assert frozen[0] == 8 and [e.value for e in events.Scalars("experts/frozen_total")] == frozen  # 2 x 4 sites
+    assert "experts/frozen/text_summary" in tags["tensors"]
+    assert [e.step for e in events.Scalars("ddas/threshold")] == [0, 1]
+    for mode in ("oracle", "agnostic"):
+        for name in ("shapes", "digits", "colors"):
+            assert [e.step for e in events.Scalars(f"accuracy_{mode}/{name}")] == [0, 1], (mode, name)
+
+
+def test_lr_schedule_matches_a_hand_worked_table():
+    """Linear warmup over 2 steps to the peak, then cosine from the peak to 0 over the remaining 8 steps."""
+    from moecl.train.engine import lr_at
+    table = {0: 0.5, 1: 1.0, 2: 1.0, 4: 0.5 * (1 + math.sqrt(0.5)), 6: 0.5, 8: 0.5 * (1 - math.sqrt(0.5)), 10: 0.0}
+    assert {s: lr_at(s, 10, 1.0, 2) for s in table} == pytest.approx(table)
+    assert lr_at(3, 4, 1e-3, 0) == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 3 / 4)))  # no warmup
+
+
+def test_task_loss_applies_label_smoothing():
+    """Cross-entropy with smoothing eps over C classes: -(1 - eps) log p_y - eps/C sum_c log p_c, by hand."""
+    from moecl.train.loop import task_loss
+    logits, label, eps = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0]), 0.3
+    logp = [x - math.log(math.exp(2.0) + 1.0 + math.exp(-1.0)) for x in (2.0, 0.0, -1.0)]
+    expected = -(1 - eps) * logp[0] - eps / 3 * sum(logp)
+    assert float(task_loss(logits, label, eps)) == pytest.approx(expected, rel=1e-6)
+    assert float(task_loss(logits, label, 0.0)) == pytest.approx(-logp[0], rel=1e-6)
+
+
+def test_grad_clip_accumulation_and_zero_stage_reach_the_deepspeed_config():
+    from moecl.config import load_config
+    from moecl.train.engine import ds_config
+    cfg = load_config("tiny", ["train.grad_clip=0.5", "train.grad_accum=2", "data.batch_size=16", "train.zero_stage=1",
+                               "train.ds_config=cpu"])
+    ds = ds_config(cfg, 2, torch.device("cpu"))
+    assert (ds["gradient_clipping"], ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"],
+            ds["train_batch_size"], ds["zero_optimization"]["stage"]) == (0.5, 2, 4, 16, 1)

@@ -243,7 +243,10 @@ def unflatten_state(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
                 raise CheckpointError(f"checkpoint names a class outside the allowlist: {skel['__object__']}")
             return _rebuild(skel["__object__"], unflatten_state(skel["state"], tensors))
         if "__dtype__" in skel:
-            return getattr(torch, skel["__dtype__"])
+            dtype = getattr(torch, str(skel["__dtype__"]), None)
+            if not isinstance(dtype, torch.dtype):  # e.g. "load": a function of torch, never a dtype
+                raise CheckpointError(f"checkpoint names an unknown dtype: {skel['__dtype__']!r}")
+            return dtype
     if isinstance(skel, list):
         return [unflatten_state(v, tensors) for v in skel]
     return skel

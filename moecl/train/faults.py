@@ -4,11 +4,16 @@ ACTION is ``kill`` (SIGKILL this process, like an OOM killer or a preempted node
 SIGTERM, as a scheduler preempting it, or SIGINT, as Ctrl-C) or ``nan`` (the loss becomes NaN). POINT is
 ``step`` (after backward, before the optimizer step), ``checkpoint`` (files written, manifest not yet), ``between`` (after a task-end checkpoint, before the next task) or ``ddas`` (in the DDAS stage).
 ``MOECL_FAULT_RANK`` limits it to one rank. Unset: nothing happens (one environment lookup per call).
+
+``MOECL_STEP_LOG=FILE`` makes resume tests able to fail: every finished optimizer step and every checkpoint
+put in place is appended to FILE, and a step that a checkpoint already held (a resume that trained it again)
+prints what repeated and SIGKILLs the process.
 """
 from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Optional
 
 
@@ -44,6 +49,38 @@ def maybe_kill(point: str, task: Optional[int] = None, step: Optional[int] = Non
 
 def nan_here(task: int, step: int, rank: int = 0) -> bool:
     return "nan" in _matches("step", task, step, rank)
+
+
+def _step_log() -> Optional[str]:
+    return os.environ.get("MOECL_STEP_LOG") or None
+
+
+def step_finished(task: int, step: int, rank: int = 0) -> None:
+    """Record optimizer step ``step`` of ``task`` as done; kill if a checkpoint written after an earlier run of
+    this very step already held it (a resume must continue after its checkpoint, never redo what it holds)."""
+    path = _step_log()
+    if not path:
+        return
+    ran_before = False
+    with open(path, "a+") as f:
+        f.seek(0)
+        for line in f:
+            kind, *fields = line.split()
+            if kind == "step" and int(fields[1]) == rank and (int(fields[2]), int(fields[3])) == (task, step):
+                ran_before = True
+            elif kind == "checkpoint" and ran_before and (int(fields[1]), int(fields[2])) > (task, step):
+                print(f"MOECL_STEP_LOG: task {task} step {step} ran again on rank {rank}, but checkpoint (task "
+                      f"{fields[1]}, step {fields[2]}) already held it", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        f.write(f"step {os.getpid()} {rank} {task} {step}\n")
+
+
+def checkpoint_saved(task: int, step: int) -> None:
+    """Record a checkpoint put in place that holds every step before (task, step)."""
+    path = _step_log()
+    if path:
+        with open(path, "a") as f:
+            f.write(f"checkpoint {os.getpid()} {task} {step}\n")
 
 
 def resources() -> dict[str, int]:

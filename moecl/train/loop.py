@@ -34,7 +34,7 @@ from ..model.state import load_adapter_state, save_adapter_state
 from ..runtime import DistInfo, init_distributed
 from . import checkpoint as ckpt
 from . import cluster, reshard
-from .faults import maybe_kill, nan_here, resources
+from .faults import checkpoint_saved, maybe_kill, nan_here, resources, step_finished
 from .identity import backbone_identity, check_checkpoint
 from .interrupt import Interrupted, StopRequest, interrupted_line
 from .step_stats import StepStats
@@ -114,6 +114,16 @@ def _check_resume_path(resume: Optional[str], run_dir: Path) -> None:
     what = "is not a folder" if Path(resume).exists() else "does not exist"
     raise CheckpointError(f"--resume {resume}: {what}; give a checkpoint folder (checkpoints in "
                           f"{run_dir / 'checkpoints'}: {found}) or --resume auto for the latest valid one")
+
+
+def class_tokens(tokenizer, task) -> torch.Tensor:
+    """The training prompts of ``task``'s classes, in label order (one row per class)."""
+    return tokenizer([fill_template(task.train_template, c) for c in task.classnames])
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The training objective: CLIP logits against the task's class prompts, cross-entropy (fp32)."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
 class ContinualTrainer:
@@ -386,7 +396,7 @@ class ContinualTrainer:
                 rng_later = rng
         else:  # each task starts from its own seed, so a resume from a task end replays it exactly
             torch.manual_seed(_stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
-        tokens = self.tokenizer([fill_template(task.train_template, c) for c in task.classnames]).to(self.device)
+        tokens = class_tokens(self.tokenizer, task).to(self.device)
         tokens = self.model.trim_prompts(tokens)  # once per task: to the longest prompt's EOT token (exact)
         text_task = t if self.method == "moe-adapters" else 0
         bar = self._bar(task.name, total)
@@ -427,7 +437,7 @@ class ContinualTrainer:
                     images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
                     with self.autocast():
                         logits = engine(images, tokens, text_task if self.method != "full-ft" else -1)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
+                    loss = task_loss(logits, labels, cfg.train.label_smoothing)
                     if nan_here(t, step, self.info.rank):
                         loss = loss * float("nan")
                     aux = self.model.aux_loss().to(loss.device)
@@ -443,10 +453,13 @@ class ContinualTrainer:
                         stats.add(loss, aux, 1.0 / cfg.train.grad_accum)
                     seen += images.shape[0] * self.info.world_size
                 maybe_kill("step", t, step, self.info.rank)
+                logging_step = self.is_main and ((step + 1) % cfg.runtime.log_every == 0 or step + 1 == total)
+                grad_norm = _grad_norm(params) if logging_step else None  # before step() clears the gradients
                 if skip_mode:
                     self._optimizer_step(engine, optimizer, params, bad, t, task.name, step, counts)
                 else:
                     engine.step()
+                step_finished(t, step, self.info.rank)
                 self.progress.step += 1
                 log_now = self.progress.step % cfg.runtime.log_every == 0 or self.progress.step == total
                 if log_now or self.progress.step == end:  # (also before any checkpoint)
@@ -457,7 +470,8 @@ class ContinualTrainer:
                     self.writer.add_scalar("train/loss", loss_sum, gstep)
                     self.writer.add_scalar("train/lr", lr, gstep)
                     self.writer.add_scalar("train/aux_loss", aux_sum, gstep)
-                    gn = engine.get_global_grad_norm()
+                    gn = engine.get_global_grad_norm()  # set by DeepSpeed's ZeRO / bf16 optimizers only
+                    gn = grad_norm if gn is None else gn
                     if gn is not None:
                         self.writer.add_scalar("train/grad_norm", float(gn), gstep)
                     self.writer.add_scalar("train/images_per_s", rate, gstep)
@@ -778,6 +792,7 @@ class ContinualTrainer:
                 ckpt.wait_for_parts(tmp, state)
                 ckpt.finalize(tmp, root / name, {"task": t, "step": step, "task_end": task_end,
                                                  "world_size": self.info.world_size})
+                checkpoint_saved(t, step)
                 ckpt.prune_steps(self.run_dir, self.cfg.train.keep_checkpoints if not task_end else 0)
                 log.info("checkpoint %s", root / name)
 
@@ -958,6 +973,15 @@ class ContinualTrainer:
             return
         from ..evaluation.report import write_report
         write_report(self.run_dir, self._report())
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> Optional[float]:
+    """L2 norm of this rank's gradients (all of them at ep_size 1; the local expert shard otherwise), or None
+    when the optimizer holds them (ZeRO). One host sync, taken only at logging steps."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def _peak_rss() -> int:
