@@ -781,7 +781,8 @@ class ContinualTrainer:
             if optimizer is not None:  # mid-task: optimizer and RNG of every rank
                 rank = self.info.rank
                 ckpt.save_nested(optimizer.state_dict(), tmp, f"optimizer-rank{rank}")
-                reshard.save_names(tmp, rank, self.model, optimizer)  # lets it resume on another cluster shape
+                if not self.ds.get("zero_optimization", {}).get("stage"):  # ZeRO state is flat: no names
+                    reshard.save_names(tmp, rank, self.model, optimizer)  # lets it resume on another cluster shape
                 rng = {"torch": torch.get_rng_state()}
                 if torch.cuda.is_available():
                     rng["cuda"] = torch.cuda.get_rng_state()
