@@ -901,8 +901,7 @@ class ContinualTrainer:
             self.selector = sel.to(self.device) if getattr(sel, "reads_images", False) else sel
         self._resume_path = path if not state["task_end"] else None
         if self.is_main:
-            log.info("resumed from %s (task %d, step %d: %d task(s) done, step %d of the next)", path,
-                     self.progress.task, self.progress.step, self.progress.task, self.progress.step)
+            log.info("resumed from %s (task %d, step %d)", path, self.progress.task, self.progress.step)
             if reshape:
                 t = self.progress.task
                 total = self.iterations(t) if t < len(self.seq.tasks) else 0
