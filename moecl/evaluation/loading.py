@@ -158,16 +158,25 @@ def run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> Config:
                               "can change when evaluating a trained run "
                               f"(the model, data and training settings are the run's own, from {path})")
     parse_overrides(overrides)  # unknown keys fail here, naming the key
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    given = any(item.split("=", 1)[0].strip() == "data.shard_url_template" for item in overrides)
+    if cfg.data.shard_url_template and not given:
+        # A run folder can come from someone else: a URL template (pipe: runs a command) is taken only from
+        # this command line, never from the folder's config.yaml.
+        log.warning("%s sets data.shard_url_template=%r; ignored (a run folder never chooses how shards are "
+                    "opened): pass data.shard_url_template=... to this command if you want it", path,
+                    cfg.data.shard_url_template)
+        cfg = load_config(path, [*overrides, "data.shard_url_template=null"])
+    return cfg
 
 
 def _trained_task_names(run_dir: Path, cfg: Config) -> list[str]:
     """Names of the run's training tasks, in order (route id = position): from its sequence file, else from
     report.json (the data may have moved since training)."""
     from ..data import resolve_sequence
-    try:
-        data = yaml.safe_load(resolve_sequence(cfg.data.root, cfg.data.sequence).read_text())
-        return [str(t) for t in data["tasks"]]
+    from ..data.sequence import read_sequence_file
+    try:  # the checked reader: plain task names, no YAML aliases, bounded size
+        return [str(t) for t in read_sequence_file(resolve_sequence(cfg.data.root, cfg.data.sequence))["tasks"]]
     except (DataError, OSError, KeyError, TypeError, yaml.YAMLError):
         pass
     report = run_dir / "report.json"
