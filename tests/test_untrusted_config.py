@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, build_world, cpu_env, shared_tiny_run, train_cmd
+from helpers import ROOT, build_world, cpu_env, train_cmd
 from moecl.cli import main
 from moecl.config import Config, ConfigError, load_config, valid_keys
 from moecl.errors import DataError
@@ -246,8 +246,8 @@ def _moecl(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return shared_tiny_run(tmp_path_factory)
+def tiny(tiny_run):
+    return tiny_run  # the session's shared (world, run); tests copy before changing it
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ROOT, cpu_env, shared_tiny_run
+from helpers import ROOT, cpu_env
 from data_tools.__main__ import main as data_tools_main
 from data_tools.verify import verify
 from moecl.cli import main as moecl_main
@@ -141,8 +141,8 @@ def _deadline(seconds: int):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return shared_tiny_run(tmp_path_factory)
+def tiny(tiny_run):
+    return tiny_run  # the session's shared (world, run); tests copy before changing it
 
 
 # ---------------------------------------------------------------------------------------------------------
