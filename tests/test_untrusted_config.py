@@ -213,7 +213,7 @@ def test_bad_url_template_from_the_environment_is_named_by_the_cli(small_world, 
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "MOECL_SHARD_URL_TEMPLATE='{root}/{task}/{sahrd}' has unknown placeholder(s) {sahrd}" in proc.stderr
-    assert "{task}, {split}, {shard}, {root}" in proc.stderr
+    assert "{root}, {task}, {split}, {shard}" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
