@@ -54,6 +54,22 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches its expert / data-parallel groups in module globals; after an earlier world in this
+    process was destroyed (a test, a notebook) they name dead groups and the next engine fails with "Group ...
+    is not registered". Called only when no world exists, so nothing live is dropped."""
+    from deepspeed.utils import groups
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        cached = getattr(groups, name, None)
+        if isinstance(cached, dict):
+            cached.clear()
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+
+
 def init_distributed(requested_device: str = "auto", timeout_s: Optional[float] = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent: the first call's settings hold).
 
@@ -86,5 +102,6 @@ def init_distributed(requested_device: str = "auto", timeout_s: Optional[float] 
             # (30 min for gloo), not the timeout given here: make that default the same bound
             import torch.distributed.distributed_c10d as c10d
             c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+        _forget_deepspeed_groups()
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
