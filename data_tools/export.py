@@ -14,7 +14,6 @@ sha256 that ``task.json`` records.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -23,13 +22,8 @@ from typing import Optional
 from moecl.data.task import read_task
 from moecl.errors import DataError
 
+from .writer import sha256_file
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -64,7 +58,7 @@ def export_clip_benchmark(task_dir: str | Path, out: str | Path, splits: Optiona
             if not src.is_file():
                 raise DataError(f"shard {src} (listed in {task_dir / 'task.json'}) does not exist")
             expected = task.sha256.get(name)
-            if expected and _sha256(src) != expected:
+            if expected and sha256_file(src) != expected:
                 raise DataError(f"shard {src} does not match its sha256 in task.json; rebuild it "
                                 "(python -m data_tools verify finds every such shard)")
             _place(src, folder / f"{i}.tar")

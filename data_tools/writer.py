@@ -166,7 +166,7 @@ def _fingerprint(split: str, index: int, start: int, items: list[Item], classnam
     return h.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -212,7 +212,7 @@ def _write_shard(job: dict[str, Any]) -> dict[str, Any]:
             writer.close()
             f.flush()
             os.fsync(f.fileno())
-        digest = _sha256_file(tmp)
+        digest = sha256_file(tmp)
         os.replace(tmp, final)
     finally:
         if tmp.exists():

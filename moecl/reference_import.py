@@ -13,7 +13,6 @@ Everything is checked in memory first; the run folder appears only once complete
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ import torch
 
 from .config import Config, ConfigError, load_config, parse_overrides, shipped_configs
 from .errors import CheckpointError
+from .train.checkpoint import sha256
 
 # sequence -> the shipped config that reproduces it (base of the imported run's config)
 REFERENCE_CONFIGS = {"mtil_order1": "mtil_order1_reference", "mtil_order2": "mtil_order2_reference",
@@ -41,13 +41,6 @@ _EXPERT = re.compile(r"^adaptmlp_list\.(\d+)\.(down_proj|up_proj)\.(weight|bias)
 _ROUTER = re.compile(r"^(router_list|w_noise_list)\.(\d+)$")
 _DROPPED = ("mean", "std", "ln_3.weight", "ln_3.bias")  # published block extras that its forward never reads
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -283,7 +276,7 @@ def import_reference(checkpoints: list[str | Path], model_name: str, sequence: s
     while model.num_tasks < len(tasks):
         model.add_task()
     per_ckpt = [adapter_tensors(sites, model, len(tasks))]
-    hashes = [_sha256(Path(checkpoints[0]))]
+    hashes = [sha256(Path(checkpoints[0]))]
     del first_sd
     for path in checkpoints[1:]:
         sd = read_state_dict(path)
@@ -293,7 +286,7 @@ def import_reference(checkpoints: list[str | Path], model_name: str, sequence: s
                 raise CheckpointError(f"{path}: backbone tensor {key!r} differs from {checkpoints[0]}'s: "
                                       "checkpoints of different runs or models")
         per_ckpt.append(adapter_tensors(other_sites, model, len(tasks)))
-        hashes.append(_sha256(Path(path)))
+        hashes.append(sha256(Path(path)))
     image_size = image_size_of(model.clip)
     selectors = []
     if choosers:

@@ -8,7 +8,6 @@ weights: the open_clip model name, the pretrained tag (or the sha256 of a local 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -16,15 +15,12 @@ from typing import Any, Optional
 from ..config import Config
 from ..errors import CheckpointError
 from ..model.backbone import WEIGHT_SUFFIXES
+from .checkpoint import sha256
 
 
 @functools.lru_cache(maxsize=16)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256(Path(path))
 
 
 def file_sha256(path: str | Path) -> str:
