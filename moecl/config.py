@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import MoeclError
+from .methods import NAMES as METHOD_NAMES, get_method
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -115,7 +116,7 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     """The continual task loop."""
-    method: Literal["moe-adapters", "dense-adapter", "full-ft", "zero-shot"] = Field(
+    method: Literal[METHOD_NAMES] = Field(  # type: ignore[valid-type]  (moecl/methods.py)
         "moe-adapters", description="what is trained: MoE-adapters or a baseline")
     iterations: Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=1)]] = Field(
         1000, description="steps per task (one value or one per task)")
@@ -222,7 +223,7 @@ class Config(_Section):
 def check_batch_fits(cfg: Config, tasks: Any) -> None:
     """Refuse a ``data.batch_size`` larger than a training task's train split (each batch would repeat
     images); needs the data, so the trainer calls it at start, before any training. ``tasks``: TaskInfos."""
-    if cfg.train.method == "zero-shot":
+    if not get_method(cfg.train.method).trains_anything:
         return
     for task in tasks:
         n = task.count("train")

@@ -20,8 +20,6 @@ if TYPE_CHECKING:  # torch, DeepSpeed and open_clip load only when a command nee
     from .loading import LoadedRun
 
 EVAL_DIR = "eval"
-METHOD_NAMES = {"moe-adapters": "moecl", "full-ft": "continual-ft", "zero-shot": "zero-shot",
-                "dense-adapter": "dense-adapter"}
 
 
 def _slug(text: str) -> str:
@@ -102,7 +100,7 @@ def _evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
 def clip_benchmark_records(loaded: LoadedRun, results: dict[str, Any]):
     """(file stem, record) per mode and dataset, in CLIP_benchmark's result layout (acc1 as a fraction)."""
     from .report import clip_benchmark_model, clip_benchmark_pretrained
-    method = METHOD_NAMES.get(loaded.method, loaded.method)
+    method = loaded.method.report_name
     for mode, entry in results["modes"].items():
         for name in results["columns"]:
             record = {"dataset": name, "model": clip_benchmark_model(loaded.cfg.model.name, method, mode),
@@ -136,7 +134,7 @@ def write_results(loaded: LoadedRun, results: dict[str, Any], out_dir: Path, ext
     out_dir.mkdir(parents=True, exist_ok=True)
     seq = loaded.sequence
     doc = {"run": str(loaded.run_dir), "checkpoint": str(loaded.checkpoint),
-           "method": METHOD_NAMES.get(loaded.method, loaded.method), "num_trained_tasks": loaded.num_trained_tasks,
+           "method": loaded.method.report_name, "num_trained_tasks": loaded.num_trained_tasks,
            "trained_tasks": loaded.trained_task_names[: loaded.num_trained_tasks],
            "sequence": {"name": seq.name, "path": str(seq.path) if seq.path else None,
                         "root": str(seq.root) if seq.root else None},
@@ -194,7 +192,7 @@ def run_eval(args) -> int:
         getattr(args, "out", None))
     seq = loaded.sequence
     # the table first: a folder that cannot be written (read-only, archived) still shows the numbers
-    print(f"{loaded.checkpoint}: {METHOD_NAMES.get(loaded.method, loaded.method)} after "
+    print(f"{loaded.checkpoint}: {loaded.method.report_name} after "
           f"{loaded.num_trained_tasks} task(s), sequence {seq.name} ({seq.root})")
     print(results_table(results))
     if results["held_out"]:

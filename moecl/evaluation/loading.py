@@ -22,10 +22,11 @@ import yaml
 
 from ..config import Config, ConfigError, load_config, parse_overrides
 from ..errors import CheckpointError, DataError
+from ..methods import Method, get_method
+from ..routes import ZERO_SHOT  # noqa: F401  (re-exported: moecl.evaluation.loading.ZERO_SHOT)
 
 log = logging.getLogger("moecl")
 
-ZERO_SHOT = -1
 EVAL_OVERRIDE_SECTIONS = ("eval", "ddas")
 # how the test shards are read (not which, not the model): an eval may change these too
 EVAL_OVERRIDE_KEYS = ("data.max_bad_fraction", "data.max_member_bytes", "data.max_shard_bytes",
@@ -59,31 +60,16 @@ class LoadedRun:
     trainer_state: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def method(self) -> str:
-        return self.cfg.train.method
+    def method(self) -> Method:
+        return get_method(self.cfg.train.method)
 
     def route_of(self, task_name: str, held_out: bool = False) -> int:
-        """The oracle route of a test set named ``task_name`` (the trainer's rule, matched by task name):
-        moe-adapters: its router when it is a trained task, else zero-shot; dense-adapter: the adapter for
-        sequence tasks; full-ft / zero-shot: the (fine-tuned or plain) backbone, -1."""
-        if held_out:
-            return ZERO_SHOT
-        if self.method == "moe-adapters":
-            names = self.trained_task_names[: self.num_trained_tasks]
-            return names.index(task_name) if task_name in names else ZERO_SHOT
-        if self.method == "dense-adapter":
-            return 0 if self.num_trained_tasks > 0 else ZERO_SHOT
-        return ZERO_SHOT
+        """The oracle route of a test set named ``task_name`` (the trainer's rule, matched by task name)."""
+        return self.method.oracle_route(task_name, self.trained_task_names[: self.num_trained_tasks], held_out)
 
     def route_name(self, route: int) -> str:
-        """A route id as people read it: the task name, or ``zero-shot``."""
-        if route < 0:  # full-ft has no untouched CLIP left: every image goes through the fine-tuned backbone
-            return "fine-tuned" if self.method == "full-ft" else "zero-shot"
-        if self.method == "dense-adapter":
-            return "adapter"
-        if route < len(self.trained_task_names):
-            return self.trained_task_names[route]
-        return f"task {route}"
+        """A route id as people read it: the task name, ``adapter``, ``zero-shot`` or ``fine-tuned``."""
+        return self.method.route_name(route, self.trained_task_names)
 
     def eval_modes(self) -> list[EvalMode]:
         """Every evaluation mode of this run (the trainer's ``eval_modes`` on the loaded state)."""
@@ -92,7 +78,7 @@ class LoadedRun:
 
 def eval_modes(cfg: Config, selector: Any) -> list[EvalMode]:
     """oracle / agnostic / agnostic-reference as ``cfg`` configures them (non-MoE methods: oracle only)."""
-    if cfg.train.method != "moe-adapters":
+    if not get_method(cfg.train.method).ddas:
         return [EvalMode("oracle", "oracle")]
     have_ddas = cfg.ddas.enabled and selector is not None and selector.num_tasks > 0
     modes = []
@@ -205,11 +191,10 @@ def build_run_model(cfg: Config, device: torch.device):
     """The run's model before loading any checkpoint: built as the trainer built it (same seed first, so a
     randomly initialised backbone comes out identical), at expert-parallel size 1."""
     from ..model import build_model
-    from ..train.loop import ADAPTER_METHOD
     moe = cfg.moe.model_copy(update={"ep_size": 1})
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stays untouched
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, moe, ADAPTER_METHOD[cfg.train.method])
+        model = build_model(cfg.model, moe, cfg.train.method)
     return model.to(device).eval()
 
 

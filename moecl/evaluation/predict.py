@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from ..errors import DataError, MoeclError
-from .loading import ZERO_SHOT, LoadedRun, load_run
+from ..routes import ZERO_SHOT
+from .loading import LoadedRun, load_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".gif", ".tif", ".tiff")
 OPEN_VOCAB_TEMPLATES = ("a photo of a {}.",)
@@ -78,7 +79,7 @@ class Predictor:
 
     def _routed_task(self, route: int) -> Optional[str]:
         """The sequence task whose class names a routed image is scored against (moe-adapters routes only)."""
-        if route < 0 or self.run.method != "moe-adapters" or route >= len(self.run.trained_task_names):
+        if route < 0 or not self.run.method.per_task_routes or route >= len(self.run.trained_task_names):
             return None
         return self.run.trained_task_names[route]
 
@@ -137,11 +138,11 @@ class Predictor:
         if task is not None:
             return torch.full((n,), self.forced_route(task), dtype=torch.long, device=dev), None
         sel = self.run.selector
-        if self.run.method == "moe-adapters" and self.run.cfg.ddas.enabled and sel is not None and sel.num_tasks:
+        if self.run.method.ddas and self.run.cfg.ddas.enabled and sel is not None and sel.num_tasks:
             inputs = images if getattr(sel, "reads_images", False) and images is not None else plain
             errors = sel.errors(inputs)
             return sel.select(inputs, decision="sample").to(dev), errors
-        route = 0 if self.run.method == "dense-adapter" and self.run.num_trained_tasks else ZERO_SHOT
+        route = self.run.method.default_route(self.run.num_trained_tasks)
         return torch.full((n,), route, dtype=torch.long, device=dev), None
 
     # ---- prediction --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..methods import METHODS
 
 log = logging.getLogger("moecl")
 MANIFEST = "MANIFEST.json"
@@ -58,10 +59,11 @@ def rank_files(rank: int) -> list[str]:
 def required_files(state: dict[str, Any]) -> list[str]:
     """Every file a checkpoint with this ``trainer.json`` content must hold."""
     need = ["trainer.json"]
-    method = state.get("method")
-    if method in ("moe-adapters", "dense-adapter"):
+    method = METHODS.get(str(state.get("method")))
+    weights = method.weights_file if method is not None else None
+    if weights == "adapters":
         need += list(ADAPTER_FILES)
-    elif method == "full-ft":
+    elif weights == "backbone":
         need.append("backbone.safetensors")
     if int(state.get("ddas_tasks") or 0) > 0:
         need += ["ddas.safetensors", "ddas.json"]

@@ -26,6 +26,7 @@ from ..data import (Sequence, data_options, eval_batches, fill_template, load_se
 from ..ddas import DDASSelector, fit_autoencoder, load_selector
 from ..errors import CheckpointError, MoeclError
 from ..folder_lock import FolderLock
+from ..methods import Method, get_method
 from ..evaluation.evaluator import Evaluator, cil_label_set, confusion_row, label_set
 from ..evaluation.loading import EvalMode, eval_modes
 from ..model import build_model, image_size_of, tokenizer_for
@@ -41,11 +42,6 @@ from .step_stats import StepStats
 from .engine import autocast_dtype, build_engine, ds_config, lr_at, micro_batch
 
 log = logging.getLogger("moecl")
-
-METHOD_NAMES = {"moe-adapters": "moecl", "full-ft": "continual-ft", "zero-shot": "zero-shot",
-                "dense-adapter": "dense-adapter"}
-ADAPTER_METHOD = {"moe-adapters": "moe-adapters", "dense-adapter": "dense-adapter", "full-ft": "full-ft",
-                  "zero-shot": "zero-shot"}
 
 
 class TrainingError(MoeclError):
@@ -154,7 +150,7 @@ class ContinualTrainer:
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.device = self.info.device
-        self.method = cfg.train.method
+        self.method: Method = get_method(cfg.train.method)
         self.lock = FolderLock(self.run_dir, "moecl train")
         self.stop = StopRequest()
         self._skips_in_a_row = 0
@@ -181,15 +177,15 @@ class ContinualTrainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         _seed_all(cfg.train.seed)
         self._prepare_backbone_weights()
-        self.model: MoECLIP = build_model(cfg.model, cfg.moe, ADAPTER_METHOD[self.method]).to(self.device)
-        if self.method == "moe-adapters" and cfg.moe.ep_size > 1:
+        self.model: MoECLIP = build_model(cfg.model, cfg.moe, self.method.name).to(self.device)
+        if self.method.per_task_routes and cfg.moe.ep_size > 1:
             self.model.setup_expert_parallel()
         self.tokenizer = tokenizer_for(cfg.model)
         pcfg = getattr(self.model.clip.visual, "preprocess_cfg", {}) or {}
         self.train_tf, self.eval_tf = make_transforms(image_size_of(self.model.clip), cfg.data.train_crop_scale,
                                                       mean=pcfg.get("mean"), std=pcfg.get("std"))
         self.selector = DDASSelector()
-        if cfg.ddas.kind == "reference" and self.method == "moe-adapters" and cfg.ddas.enabled:
+        if cfg.ddas.kind == "reference" and self.method.ddas and cfg.ddas.enabled:
             from ..ddas.reference import ReferenceSelector, load_alexnet_features
             self.selector = ReferenceSelector(load_alexnet_features(cfg.ddas.alexnet_weights)).to(self.device)
             self.selector.future_slots_vote = cfg.ddas.future_slots_vote
@@ -341,18 +337,18 @@ class ContinualTrainer:
         num_tasks = len(self.seq.tasks)
         if self.is_main:
             log.info("run %s: %d tasks (%s), method %s, %d rank(s) on %s", self.run_dir, num_tasks,
-                     ", ".join(self.seq.task_names), self.method, self.info.world_size, self.device)
+                     ", ".join(self.seq.task_names), self.method.name, self.info.world_size, self.device)
         wall_before = self.progress.wall_time_s
         self._full_ft_zero_shot()
         while self.progress.task < num_tasks:
             t = self.progress.task
             task = self.seq.tasks[t]
-            if self.method != "zero-shot":
+            if self.method.trains_anything:
                 self._train_task(t, task)
-            if self.method == "moe-adapters":
+            if self.method.per_task_routes:
                 self._activate_freeze(t)
-                if self.cfg.ddas.enabled:
-                    self._fit_ddas(t, task)
+            if self.method.ddas and self.cfg.ddas.enabled:
+                self._fit_ddas(t, task)
             self._evaluate_row(t)
             self.progress.wall_time_s = wall_before + time.time() - start
             self.progress.task, self.progress.step = t + 1, 0
@@ -364,7 +360,7 @@ class ContinualTrainer:
             maybe_kill("between", t, None, self.info.rank)
             if self.progress.task < num_tasks and self._stop_requested():
                 self._interrupt()
-            if self.method == "moe-adapters":
+            if self.method.per_task_routes:
                 self.model.reset_counts()
         if self.writer:
             self.writer.close()
@@ -380,7 +376,7 @@ class ContinualTrainer:
         cfg = self.cfg
         while self.model.num_tasks <= t:
             self.model.add_task()
-        params = self.model.trainable_parameters(t if self.method == "moe-adapters" else 0)
+        params = self.model.trainable_parameters(self.method.trainable_task(t))
         total = self.iterations(t)
         peak = float(cfg.per_task("lr", t, len(self.seq.tasks)))
         engine, optimizer = build_engine(self.model, params, cfg, self.ds, lr_at(0, total, peak, cfg.train.warmup))
@@ -398,7 +394,7 @@ class ContinualTrainer:
             torch.manual_seed(_stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
         tokens = class_tokens(self.tokenizer, task).to(self.device)
         tokens = self.model.trim_prompts(tokens)  # once per task: to the longest prompt's EOT token (exact)
-        text_task = t if self.method == "moe-adapters" else 0
+        route = self.method.train_route(t)
         bar = self._bar(task.name, total)
         n_params = sum(p.numel() for p in params)
         if self.is_main:
@@ -436,7 +432,7 @@ class ContinualTrainer:
                     images, labels = next(batches)
                     images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
                     with self.autocast():
-                        logits = engine(images, tokens, text_task if self.method != "full-ft" else -1)
+                        logits = engine(images, tokens, route)
                     loss = task_loss(logits, labels, cfg.train.label_smoothing)
                     if nan_here(t, step, self.info.rank):
                         loss = loss * float("nan")
@@ -644,22 +640,14 @@ class ContinualTrainer:
                          batch_size=self.cfg.eval.batch_size, rank=self.info.rank, world_size=self.info.world_size,
                          workers=self.cfg.eval.workers, autocast=self.autocast, max_samples=self.cfg.eval.max_samples,
                          max_bad_fraction=self.cfg.data.max_bad_fraction,
-                         collective_routes=self.cfg.moe.ep_size > 1 and self.method == "moe-adapters")
+                         collective_routes=self.cfg.moe.ep_size > 1 and self.method.per_task_routes)
 
     def eval_modes(self) -> list[EvalMode]:
         """oracle / agnostic / agnostic-reference, the same rule ``moecl eval`` applies to a saved run."""
         return eval_modes(self.cfg, self.selector)
 
     def _oracle_route(self, j: int, trained: int) -> int:
-        if self.method == "moe-adapters":
-            return j if j < trained else -1
-        if self.method == "dense-adapter":
-            return 0
-        return -1
-
-    def _zero_shot_free(self) -> bool:
-        """Route -1 is the untouched backbone (frozen CLIP) for every method but full fine-tuning."""
-        return self.method != "full-ft"
+        return self.method.oracle_route(self.seq.tasks[j].name, self.seq.task_names[:trained])
 
     def _evaluate_row(self, t: int) -> None:
         ev = self._evaluator()
@@ -668,7 +656,7 @@ class ContinualTrainer:
         read: dict[str, Any] = {}
         for k, mode in enumerate(self.eval_modes()):
             name, kind, selector, decision = mode.name, mode.kind, mode.selector, mode.decision
-            with_zs = k == 0 and self._zero_shot_free()
+            with_zs = k == 0 and self.method.zero_shot_is_frozen
             ev.read = read[name] = {}
             if self.cfg.eval.cil:
                 seen = self.seq.tasks[:trained]
@@ -713,7 +701,7 @@ class ContinualTrainer:
 
     def _full_ft_zero_shot(self) -> None:
         """full-ft: the zero-shot row is the model's before any training (MTIL test sets; not for CIL)."""
-        if self.method != "full-ft" or self.cfg.eval.cil or self.progress.zero_shot or self.progress.task:
+        if self.method.zero_shot_is_frozen or self.cfg.eval.cil or self.progress.zero_shot or self.progress.task:
             return
         ev = self._evaluator()
         row = [ev.evaluate(task, label_set(task, self.cfg.eval.templates), mode="oracle", oracle_route=-1).accuracy
@@ -755,7 +743,7 @@ class ContinualTrainer:
         tmp = ckpt.staging_dir(root, name)
         self._check_finite_state(root / name)
         state = {"progress": asdict(self.progress), "task_end": task_end, "world_size": self.info.world_size,
-                 "ep_size": self.cfg.moe.ep_size, "method": self.method, "ddas_tasks": self.selector.num_tasks,
+                 "ep_size": self.cfg.moe.ep_size, "method": self.method.name, "ddas_tasks": self.selector.num_tasks,
                  "backbone": self.backbone_id}
 
         def prepare() -> None:
@@ -765,10 +753,10 @@ class ContinualTrainer:
                 tmp.mkdir(parents=True)
 
         def write_parts() -> None:
-            if self.method in ("moe-adapters", "dense-adapter"):
+            if self.method.weights_file == "adapters":
                 save_adapter_state(self.model, tmp / "adapters", {"backbone": self.backbone_id})
             if self.is_main:
-                if self.method == "full-ft":
+                if self.method.weights_file == "backbone":
                     from safetensors.torch import save_file
                     save_file({k: v.contiguous() for k, v in self.model.clip.state_dict().items()},
                               str(tmp / "backbone.safetensors"))
@@ -839,12 +827,12 @@ class ContinualTrainer:
     def _checkpoint_bytes(self, optimizer) -> int:
         """About how much a checkpoint takes on disk: adapter or backbone tensors, DDAS, every rank's optimizer."""
         tensors: list[torch.Tensor] = []
-        if self.method == "full-ft":
+        if self.method.weights_file == "backbone":
             tensors += list(self.model.clip.state_dict().values())
         for site in self.model.sites():
             tensors += list(site.state_dict().values())
         total = sum(t.numel() * t.element_size() for t in tensors) * (self.cfg.moe.ep_size if
-                                                                       self.method == "moe-adapters" else 1)
+                                                                       self.method.per_task_routes else 1)
         if self.selector.num_tasks:
             total += sum(t.numel() * t.element_size() for t in self.selector.to_state()[0].values())
         if optimizer is not None:
@@ -855,9 +843,9 @@ class ContinualTrainer:
 
     def _check_finite_state(self, final: Path) -> None:
         """Refuse to checkpoint NaN/inf weights (a checkpoint is a resume point: it must be a good one)."""
-        if self.method == "zero-shot":
+        if not self.method.trains_anything:
             return
-        params = (self.model.clip.named_parameters() if self.method == "full-ft" else
+        params = (self.model.clip.named_parameters() if self.method.weights_file == "backbone" else
                   ((f"{i}.{n}", p) for i, s in enumerate(self.model.sites()) for n, p in s.named_parameters()))
         bad = [n for n, p in params if not bool(torch.isfinite(p.detach()).all())]
         if self._all_ranks(not bad):
@@ -955,9 +943,9 @@ class ContinualTrainer:
             entries[mode] = build_method_entry(matrix, kind, self.progress.confusion.get(mode),
                                                names=None if kind == "cil" else names + held,
                                                num_tasks=None if kind == "cil" else len(names))
-        method = METHOD_NAMES[self.method]
+        method = self.method.report_name
         zs = self.progress.zero_shot[: len(next(iter(self.progress.rows.values()), []))]
-        if zs and method != "zero-shot":  # every report carries the untouched backbone's row
+        if zs and self.method.trains_anything:  # every report carries the untouched backbone's row
             report["methods"]["zero-shot"] = {"oracle": build_method_entry(
                 [r[0] for r in zs] if kind == "cil" else zs, kind,
                 names=None if kind == "cil" else names + held, num_tasks=None if kind == "cil" else len(names))}
