@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig, ModelConfig
+from ..methods import get_method
 from .backbone import text_towers
 from .experts import AdapterExpert
 from .moe import MoEAdapter
@@ -125,15 +126,16 @@ class MoECLIP(nn.Module):
         super().__init__()
         self.clip = clip
         self.model_cfg, self.moe_cfg, self.method = model_cfg, moe_cfg, method
+        self._spec = get_method(method)  # which adapter, what trains (moecl/methods.py)
         _scalars_to_buffers(clip)
         self._num_tasks = 0
         text_owner, text_tf = text_towers(clip)
         self._text_owner = text_owner
         self.image_slot = RouteSlot(getattr(clip.visual.transformer, "batch_first", True))
         self.text_slot = RouteSlot(getattr(text_tf, "batch_first", True))
-        if method == "moe-adapters":
+        if self._spec.adapter == "moe":
             make = lambda dim: MoEAdapter(dim, moe_cfg)  # noqa: E731
-        elif method == "dense-adapter":
+        elif self._spec.adapter == "dense":
             make = lambda dim: DenseAdapter(dim, moe_cfg)  # noqa: E731
         else:
             make = None
@@ -195,7 +197,7 @@ class MoECLIP(nn.Module):
         task = self._num_tasks - 1 if task is None else task
         self.requires_grad_(False)
         params: list[nn.Parameter] = []
-        if self.method == "full-ft":
+        if self._spec.trains == "backbone":
             self.clip.requires_grad_(True)
             return [p for p in self.clip.parameters()]
         for site in self.sites():
@@ -220,7 +222,7 @@ class MoECLIP(nn.Module):
     # -- encoding ------------------------------------------------------------------------------------------
     def _route(self, task_ids: TaskIds, batch: int, device: torch.device,
                token_index: Optional[torch.Tensor] = None) -> Optional[Route]:
-        if self.method in ("full-ft", "zero-shot") or not self.sites():
+        if self._spec.adapter is None or not self.sites():
             return None
         if isinstance(task_ids, int):
             if task_ids < 0:
@@ -238,7 +240,7 @@ class MoECLIP(nn.Module):
         return Route(ids, None, token_index)
 
     def _check_ids(self, largest: int) -> None:
-        limit = self._num_tasks if self.method == "moe-adapters" else max(self._num_tasks, 1)
+        limit = self._num_tasks if self._spec.per_task_routes else max(self._num_tasks, 1)
         if largest >= limit:
             raise ValueError(f"task id {largest} but the model has {self._num_tasks} task(s); call add_task() first")
 
