@@ -243,7 +243,8 @@ def zero_shot_accuracy(world: str | Path, weights: str | Path, model_name: str, 
 
     from .config import ModelConfig, MoEConfig
     from .data import load_sequence, make_transforms
-    from .evaluation.evaluator import Evaluator, label_set
+    from .evaluation.evaluator import Evaluator
+    from .evaluation.row import ORACLE, evaluate_row
     from .model import build_model, image_size_of, tokenizer_for
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -253,10 +254,9 @@ def zero_shot_accuracy(world: str | Path, weights: str | Path, model_name: str, 
     _, eval_tf = make_transforms(image_size_of(model.clip), mean=pcfg.get("mean"), std=pcfg.get("std"))
     seq = load_sequence(world, str(Path(world) / "sequence.yaml"))
     ev = Evaluator(model, tokenizer_for(mcfg), eval_tf, device=dev, batch_size=256, max_samples=max_samples)
-    acc, chance = {}, {}
-    for task in seq.tasks + seq.held_out:
-        acc[task.name] = round(ev.evaluate(task, label_set(task), mode="oracle", oracle_route=-1).accuracy, 2)
-        chance[task.name] = round(100.0 / task.num_classes, 2)
+    row = evaluate_row(ev, seq, "zero-shot", [ORACLE], [])["oracle"].row
+    acc = {task.name: round(a, 2) for task, a in zip(seq.all_tasks(), row)}
+    chance = {task.name: round(100.0 / task.num_classes, 2) for task in seq.all_tasks()}
     return acc, chance
 
 

@@ -37,15 +37,11 @@ def default_eval_name(loaded: LoadedRun, data_root: Optional[str], sequence: Opt
 
 
 def evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
-    """Score every test set of ``loaded.sequence`` in every mode; the trainer's ``_evaluate_row`` for the
-    loaded checkpoint. Returns ``{"kind", "columns", "held_out", "route_names", "modes": {mode: {...}}}``."""
-    import torch
-    with torch.no_grad():
-        return _evaluate_loaded(loaded, modes)
-
-
-def _evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
-    from .evaluator import Evaluator, cil_label_set, confusion_row, label_set
+    """Score every test set of ``loaded.sequence`` in every mode: the trainer's row for the loaded checkpoint
+    (the same :func:`moecl.evaluation.row.evaluate_row`). Returns ``{"kind", "columns", "held_out",
+    "route_names", "modes": {mode: {...}}}``."""
+    from .evaluator import Evaluator
+    from .row import evaluate_row
 
     cfg, seq = loaded.cfg, loaded.sequence
     ev = Evaluator(loaded.model, loaded.tokenizer, loaded.eval_tf, device=loaded.device,
@@ -57,34 +53,16 @@ def _evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
     modes = loaded.eval_modes() if modes is None else modes
     out: dict[str, Any] = {"kind": "cil" if cfg.eval.cil else "mtil", "route_names": route_names, "modes": {}}
     if cfg.eval.cil:
-        seen = seq.tasks[:trained]
         out["columns"], out["held_out"] = ["seen classes"], []
     else:
-        columns = seq.all_tasks()
-        out["columns"], out["held_out"] = [t.name for t in columns], [t.name for t in seq.held_out]
-    for mode in modes:
-        tic = time.time()
-        if cfg.eval.cil:
-            labels = cil_label_set(seen, cfg.eval.templates)
-            correct = total = offset = 0
-            routes: dict[int, int] = {}
-            for task in seen:
-                r = ev.evaluate(task, labels, mode=mode.kind, oracle_route=loaded.route_of(task.name),
-                                selector=mode.selector, decision=mode.decision, label_offset=offset,
-                                trained=trained)
-                correct, total, offset = correct + r.correct, total + r.total, offset + task.num_classes
-                for k, v in r.routes.items():
-                    routes[k] = routes.get(k, 0) + v
-            from .evaluator import SetResult
-            results = [SetResult(correct, total, routes)]
-        else:
-            results = [ev.evaluate(task, label_set(task, cfg.eval.templates), mode=mode.kind,
-                                   oracle_route=loaded.route_of(task.name, held_out=j >= len(seq.tasks)),
-                                   selector=mode.selector, decision=mode.decision, trained=trained)
-                       for j, task in enumerate(columns)]
-        confusion = [confusion_row(r, num_routes) for r in results]
-        row = [r.accuracy for r in results]
-        out["modes"][mode.name] = {
+        out["columns"], out["held_out"] = [t.name for t in seq.all_tasks()], [t.name for t in seq.held_out]
+    rows = evaluate_row(ev, seq, loaded.method, modes, loaded.trained_task_names, trained=trained,
+                        cil=cfg.eval.cil, templates=cfg.eval.templates)
+    for name, result in rows.items():
+        mode, results = result.mode, result.results
+        confusion = result.confusion(num_routes)
+        row = result.row
+        out["modes"][name] = {
             "kind": mode.kind, "decision": mode.decision if mode.kind == "agnostic" else None,
             "row": row, "accuracy": dict(zip(out["columns"], row)),
             "correct": dict(zip(out["columns"], [r.correct for r in results])),
@@ -93,7 +71,7 @@ def _evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
             "routing_confusion": confusion,
             "routing": {c: {route_names[k]: n for k, n in enumerate(cr) if n}
                         for c, cr in zip(out["columns"], confusion)},
-            "seconds": round(time.time() - tic, 3)}
+            "seconds": result.seconds}
     return out
 
 

@@ -17,7 +17,7 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from ..data import TaskInfo, check_eval_count, eval_batches, fill_template
 from ..ddas import DDASSelector
 
-ZERO_SHOT = -1
+from ..routes import ZERO_SHOT
 
 
 @dataclass
@@ -67,6 +67,19 @@ def cil_label_set(tasks: list[TaskInfo], templates: str = "train") -> LabelSet:
     return LabelSet("cil:" + "+".join(t.name for t in tasks), names, list(tpl))
 
 
+def routes_for(model, images: torch.Tensor, mode: str, oracle_route: int, selector: Optional[DDASSelector],
+               decision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route per image and the plain-CLIP features (computed once: DDAS reads them, zero-shot uses them).
+    ``mode`` oracle: every image takes ``oracle_route``; agnostic: DDAS decides (zero-shot without one).
+    The one routing rule of evaluation and ``moecl predict``."""
+    plain = model.encode_image(images, ZERO_SHOT, normalize=True).float()
+    if mode == "oracle" or selector is None or selector.num_tasks == 0:
+        route = oracle_route if mode == "oracle" else ZERO_SHOT
+        return torch.full((images.shape[0],), route, dtype=torch.long, device=images.device), plain
+    inputs = images if getattr(selector, "reads_images", False) else plain  # the reference DDAS reads pixels
+    return selector.select(inputs, decision=decision).to(images.device), plain
+
+
 class Evaluator:
     """Scores test sets for one row of the accuracy matrix (create a new one after adapters change)."""
 
@@ -99,13 +112,7 @@ class Evaluator:
 
     def routes_for(self, images: torch.Tensor, mode: str, oracle_route: int, selector: Optional[DDASSelector],
                    decision: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route per image and the plain-CLIP features (computed once: DDAS reads them, zero-shot uses them)."""
-        plain = self.model.encode_image(images, ZERO_SHOT, normalize=True).float()
-        if mode == "oracle" or selector is None or selector.num_tasks == 0:
-            route = oracle_route if mode == "oracle" else ZERO_SHOT
-            return torch.full((images.shape[0],), route, dtype=torch.long, device=images.device), plain
-        inputs = images if getattr(selector, "reads_images", False) else plain  # the reference DDAS reads pixels
-        return selector.select(inputs, decision=decision).to(images.device), plain
+        return routes_for(self.model, images, mode, oracle_route, selector, decision)
 
     @torch.no_grad()
     def evaluate(self, task: TaskInfo, labels: LabelSet, *, mode: str, oracle_route: int,

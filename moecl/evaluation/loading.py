@@ -24,6 +24,7 @@ from ..config import Config, ConfigError, load_config, parse_overrides
 from ..errors import CheckpointError, DataError
 from ..methods import Method, get_method
 from ..routes import ZERO_SHOT  # noqa: F401  (re-exported: moecl.evaluation.loading.ZERO_SHOT)
+from .row import EvalMode, eval_modes, fixed_threshold  # noqa: F401  (fixed_threshold: re-exported)
 
 log = logging.getLogger("moecl")
 
@@ -31,15 +32,6 @@ EVAL_OVERRIDE_SECTIONS = ("eval", "ddas")
 # how the test shards are read (not which, not the model): an eval may change these too
 EVAL_OVERRIDE_KEYS = ("data.max_bad_fraction", "data.max_member_bytes", "data.max_shard_bytes",
                       "data.shard_url_template")
-
-
-@dataclass
-class EvalMode:
-    """One way of routing test images: ``kind`` oracle (task id given) or agnostic (DDAS)."""
-    name: str  # oracle | agnostic | agnostic-reference
-    kind: str  # oracle | agnostic
-    selector: Any = None  # DDASSelector for agnostic kinds
-    decision: str = "sample"  # DDAS decision: per sample or per batch (reference)
 
 
 @dataclass
@@ -74,34 +66,6 @@ class LoadedRun:
     def eval_modes(self) -> list[EvalMode]:
         """Every evaluation mode of this run (the trainer's ``eval_modes`` on the loaded state)."""
         return eval_modes(self.cfg, self.selector)
-
-
-def eval_modes(cfg: Config, selector: Any) -> list[EvalMode]:
-    """oracle / agnostic / agnostic-reference as ``cfg`` configures them (non-MoE methods: oracle only)."""
-    if not get_method(cfg.train.method).ddas:
-        return [EvalMode("oracle", "oracle")]
-    have_ddas = cfg.ddas.enabled and selector is not None and selector.num_tasks > 0
-    modes = []
-    for mode in cfg.eval.modes:
-        if mode == "oracle":
-            modes.append(EvalMode("oracle", "oracle"))
-        elif have_ddas:
-            modes.append(EvalMode("agnostic", "agnostic", selector, cfg.ddas.decision))
-    if cfg.eval.reference_ddas and have_ddas:
-        modes.append(EvalMode("agnostic-reference", "agnostic", fixed_threshold(selector, cfg.ddas.fixed_threshold),
-                              "batch"))
-    return modes
-
-
-def fixed_threshold(selector: Any, threshold: float) -> Any:
-    """The same autoencoders with one hand-set threshold for every task (the reference setting)."""
-    from ..ddas import DDASSelector
-    if hasattr(selector, "with_threshold"):  # the reference selector rebuilds itself (AlexNet is not in its state)
-        return selector.with_threshold(threshold)
-    tensors, meta = selector.to_state()
-    meta = dict(meta, thresholds=[float(threshold)] * len(meta["thresholds"]))
-    tensors = dict(tensors, thresholds=torch.full_like(tensors["thresholds"], float(threshold)))  # the buffer wins
-    return DDASSelector.from_state(tensors, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,21 +136,6 @@ def _trained_task_names(run_dir: Path, cfg: Config) -> list[str]:
                     f"(data.root {cfg.data.root}) cannot be read and it has no report.json")
 
 
-def _autocast(cfg: Config, device: torch.device) -> Callable[[], Any]:
-    if device.type != "cuda" or cfg.runtime.precision == "fp32":
-        return contextlib.nullcontext
-    dtype: Optional[torch.dtype] = torch.bfloat16 if cfg.runtime.precision == "bf16" else None
-    if dtype is None:
-        try:
-            from ..train.engine import autocast_dtype, ds_config
-            dtype = autocast_dtype(ds_config(cfg, 1, device))
-        except ConfigError:
-            dtype = torch.bfloat16
-    if dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
 def build_run_model(cfg: Config, device: torch.device):
     """The run's model before loading any checkpoint: built as the trainer built it (same seed first, so a
     randomly initialised backbone comes out identical), at expert-parallel size 1."""
@@ -211,6 +160,7 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
     from ..ddas import load_selector
     from ..model import image_size_of, tokenizer_for
     from ..model.state import load_adapter_state
+    from ..ds_config import autocast_for
     from ..runtime import configure_accelerator_env, pick_device
 
     configure_accelerator_env()
@@ -262,4 +212,4 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
         eval_tf = train_tf
     return LoadedRun(run_dir=run_dir, cfg=cfg, model=model, selector=selector, sequence=seq,
                      tokenizer=tokenizer_for(cfg.model), eval_tf=eval_tf, checkpoint=path, num_trained_tasks=trained,
-                     trained_task_names=names, device=dev, autocast=_autocast(cfg, dev), trainer_state=state)
+                     trained_task_names=names, device=dev, autocast=autocast_for(cfg, dev), trainer_state=state)

@@ -25,7 +25,9 @@ from PIL import Image
 
 from ..errors import DataError, MoeclError
 from ..routes import ZERO_SHOT
+from .evaluator import routes_for
 from .loading import LoadedRun, load_run
+from .row import ORACLE, EvalMode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".gif", ".tif", ".tiff")
 OPEN_VOCAB_TEMPLATES = ("a photo of a {}.",)
@@ -131,19 +133,26 @@ class Predictor:
         seq.task(task)  # a DataError listing the tasks when there is no such task
         return self.run.route_of(task, held_out=task in [t.name for t in seq.held_out])
 
-    def routes(self, plain: torch.Tensor, task: Optional[str], images: Optional[torch.Tensor] = None
-               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Route per image (DDAS per sample unless ``task`` forces one) and the DDAS errors [N, T] if used."""
-        n, dev = plain.shape[0], plain.device
+    def mode(self, task: Optional[str]) -> tuple[EvalMode, int]:
+        """How images are routed: the given task's oracle route, else DDAS per sample (when the run has it),
+        else the method's default route (the dense adapter once trained, otherwise zero-shot)."""
         if task is not None:
-            return torch.full((n,), self.forced_route(task), dtype=torch.long, device=dev), None
+            return ORACLE, self.forced_route(task)
         sel = self.run.selector
         if self.run.method.ddas and self.run.cfg.ddas.enabled and sel is not None and sel.num_tasks:
-            inputs = images if getattr(sel, "reads_images", False) and images is not None else plain
-            errors = sel.errors(inputs)
-            return sel.select(inputs, decision="sample").to(dev), errors
-        route = self.run.method.default_route(self.run.num_trained_tasks)
-        return torch.full((n,), route, dtype=torch.long, device=dev), None
+            return EvalMode("agnostic", "agnostic", sel, "sample"), ZERO_SHOT
+        return ORACLE, self.run.method.default_route(self.run.num_trained_tasks)
+
+    def routes(self, images: torch.Tensor, task: Optional[str]
+               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Route per image, the plain-CLIP features and the DDAS errors [N, T] when DDAS routed (the
+        evaluator's rule: :func:`moecl.evaluation.evaluator.routes_for`)."""
+        mode, route = self.mode(task)
+        routes, plain = routes_for(self.run.model, images, mode.kind, route, mode.selector, mode.decision)
+        errors = None
+        if mode.kind == "agnostic":
+            errors = mode.selector.errors(images if getattr(mode.selector, "reads_images", False) else plain)
+        return routes, plain, errors
 
     # ---- prediction --------------------------------------------------------------------------------------
     def _load(self, image: ImageInput) -> tuple[torch.Tensor, str]:
@@ -190,8 +199,7 @@ class Predictor:
                 continue
             x = torch.stack([t for t, _ in loaded]).to(run.device)
             with run.autocast():
-                plain = model.encode_image(x, ZERO_SHOT, normalize=True).float()
-                routes, errors = self.routes(plain, task, x)
+                routes, plain, errors = self.routes(x, task)
                 feats = (model.encode_image(x, routes, normalize=True).float() if bool((routes >= 0).any())
                          else plain)
             rows: list[Optional[dict[str, Any]]] = [None] * len(loaded)

@@ -1,7 +1,6 @@
 """The continual task loop: for each task, train -> activate-freeze -> DDAS -> evaluate a row -> checkpoint."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -27,8 +26,8 @@ from ..ddas import DDASSelector, fit_autoencoder, load_selector
 from ..errors import CheckpointError, MoeclError
 from ..folder_lock import FolderLock
 from ..methods import Method, get_method
-from ..evaluation.evaluator import Evaluator, cil_label_set, confusion_row, label_set
-from ..evaluation.loading import EvalMode, eval_modes
+from ..evaluation.evaluator import Evaluator
+from ..evaluation.row import ORACLE, EvalMode, eval_modes, evaluate_row
 from ..model import build_model, image_size_of, tokenizer_for
 from ..model.clip import MoECLIP
 from ..model.state import load_adapter_state, save_adapter_state
@@ -39,7 +38,8 @@ from .faults import checkpoint_saved, maybe_kill, nan_here, resources, step_fini
 from .identity import backbone_identity, check_checkpoint
 from .interrupt import Interrupted, StopRequest, interrupted_line
 from .step_stats import StepStats
-from .engine import autocast_dtype, build_engine, ds_config, lr_at, micro_batch
+from ..ds_config import autocast_for, ds_config, micro_batch
+from .engine import build_engine, lr_at
 
 log = logging.getLogger("moecl")
 
@@ -171,8 +171,7 @@ class ContinualTrainer:
         check_batch_fits(cfg, self.seq.tasks)
         self.ds = ds_config(cfg, self.info.world_size, self.device)
         self.micro = micro_batch(cfg, self.info.world_size)
-        dtype = autocast_dtype(self.ds)
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.autocast = autocast_for(cfg, self.device, self.ds)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         _seed_all(cfg.train.seed)
@@ -646,52 +645,28 @@ class ContinualTrainer:
         """oracle / agnostic / agnostic-reference, the same rule ``moecl eval`` applies to a saved run."""
         return eval_modes(self.cfg, self.selector)
 
-    def _oracle_route(self, j: int, trained: int) -> int:
-        return self.method.oracle_route(self.seq.tasks[j].name, self.seq.task_names[:trained])
-
     def _evaluate_row(self, t: int) -> None:
-        ev = self._evaluator()
+        """Row t of the accuracy matrix (moecl.evaluation.row, the function ``moecl eval`` calls too), then
+        its log lines, TensorBoard scalars and the first mode's zero-shot row."""
         trained = t + 1
-        zs_row: list[float] = []
-        read: dict[str, Any] = {}
-        for k, mode in enumerate(self.eval_modes()):
-            name, kind, selector, decision = mode.name, mode.kind, mode.selector, mode.decision
-            with_zs = k == 0 and self.method.zero_shot_is_frozen
-            ev.read = read[name] = {}
-            if self.cfg.eval.cil:
-                seen = self.seq.tasks[:trained]
-                labels = cil_label_set(seen, self.cfg.eval.templates)
-                correct = total = zs_correct = 0
-                offset = 0
-                for j, task in enumerate(seen):
-                    r = ev.evaluate(task, labels, mode=kind, oracle_route=self._oracle_route(j, trained),
-                                    selector=selector, decision=decision, label_offset=offset, trained=trained,
-                                    zero_shot=with_zs)
-                    correct, total = correct + r.correct, total + r.total
-                    zs_correct += r.zero_shot_correct or 0
-                    offset += task.num_classes
-                row = [100.0 * correct / max(total, 1)]
-                if with_zs:
-                    zs_row = [100.0 * zs_correct / max(total, 1)]
-            else:
-                row, confusion = [], []
-                for j, task in enumerate(self.seq.tasks + self.seq.held_out):
-                    r = ev.evaluate(task, label_set(task, self.cfg.eval.templates), mode=kind,
-                                    oracle_route=self._oracle_route(j, trained) if j < len(self.seq.tasks) else -1,
-                                    selector=selector, decision=decision, trained=trained, zero_shot=with_zs)
-                    row.append(r.accuracy)
-                    if with_zs:
-                        zs_row.append(r.zero_shot_accuracy)
-                    confusion.append(confusion_row(r, len(self.seq.tasks)))
-                self.progress.confusion[name] = confusion
+        rows = evaluate_row(self._evaluator(), self.seq, self.method, self.eval_modes(),
+                            self.seq.task_names[:trained], cil=self.cfg.eval.cil,
+                            templates=self.cfg.eval.templates, zero_shot=self.method.zero_shot_is_frozen)
+        zs_row: Optional[list[float]] = None
+        for k, (name, result) in enumerate(rows.items()):
+            row = result.row
+            if k == 0:
+                zs_row = result.zero_shot_row
+            if not self.cfg.eval.cil:
+                self.progress.confusion[name] = result.confusion(len(self.seq.tasks))
             self.progress.rows.setdefault(name, []).append(row)
             if self.is_main:
-                cols = ["seen classes"] if self.cfg.eval.cil else [x.name for x in self.seq.tasks + self.seq.held_out]
+                cols = ["seen classes"] if self.cfg.eval.cil else [x.name for x in self.seq.all_tasks()]
                 log.info("after task %d/%d (%s) [%s]: %s", trained, len(self.seq.tasks), self.seq.tasks[t].name,
                          name, ", ".join(f"{c} {a:.1f}" for c, a in zip(cols, row)))
                 for j, a in enumerate(row):
                     self.writer.add_scalar(f"accuracy_{name}/{cols[j]}", a, t)
-        self.rank_log.eval_row(t, read)
+        self.rank_log.eval_row(t, {name: result.read for name, result in rows.items()})
         if zs_row:
             self.progress.zero_shot.append(zs_row)
         elif self.progress.zero_shot:  # full-ft: the row recorded before training
@@ -703,10 +678,8 @@ class ContinualTrainer:
         """full-ft: the zero-shot row is the model's before any training (MTIL test sets; not for CIL)."""
         if self.method.zero_shot_is_frozen or self.cfg.eval.cil or self.progress.zero_shot or self.progress.task:
             return
-        ev = self._evaluator()
-        row = [ev.evaluate(task, label_set(task, self.cfg.eval.templates), mode="oracle", oracle_route=-1).accuracy
-               for task in self.seq.tasks + self.seq.held_out]
-        self.progress.zero_shot.append(row)
+        row = evaluate_row(self._evaluator(), self.seq, "zero-shot", [ORACLE], [], templates=self.cfg.eval.templates)
+        self.progress.zero_shot.append(row["oracle"].row)
 
     def _warn_row(self, t: int) -> None:
         """Console lines a person should not miss: a learned task now below zero-shot, weak DDAS routing."""
