@@ -13,7 +13,6 @@ Everything is checked in memory first; the run folder appears only once complete
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ import torch
 
 from .config import Config, ConfigError, load_config, parse_overrides, shipped_configs
 from .errors import CheckpointError
-from .train.checkpoint import sha256
+from .runstate.files import sha256
 
 # sequence -> the shipped config that reproduces it (base of the imported run's config)
 REFERENCE_CONFIGS = {"mtil_order1": "mtil_order1_reference", "mtil_order2": "mtil_order2_reference",
@@ -232,9 +231,11 @@ def import_reference(checkpoints: list[str | Path], model_name: str, sequence: s
     from .evaluation.report import new_report, write_report
     from .model import MoECLIP, image_size_of
     from .model.backbone import create_backbone
-    from .model.state import save_adapter_state
-    from .train import checkpoint as ckpt
-    from .train.loop import Progress
+    from .methods import get_method
+    from .runstate import files as ckpt
+    from .runstate import layout
+    from .runstate.adapters import load_adapter_state
+    from .runstate.layout import Progress
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -313,21 +314,15 @@ def import_reference(checkpoints: list[str | Path], model_name: str, sequence: s
                   "note": "published MoE-Adapters checkpoint(s); frozen-expert set unknown (not in the files)"}
         for i, tensors in enumerate(per_ckpt):
             trained = len(tasks) if n == 1 else i + 1
-            from .model.state import load_adapter_state
             load_adapter_state(model, (tensors, {"num_tasks": len(tasks), "moe": cfg.moe.model_dump(mode="json"),
                                                  "model": cfg.model.model_dump(mode="json")}))
             name = ckpt.task_dir_name(trained - 1)
             stage = tmp / "checkpoints" / f".{name}.staging"
             stage.mkdir(parents=True)
-            save_adapter_state(model, stage / "adapters", {"imported": source})
-            if selectors:
-                tens, meta = selectors[i].to_state()
-                save_file(tens, str(stage / "ddas.safetensors"))
-                (stage / "ddas.json").write_text(json.dumps(meta))
-            progress = Progress(task=trained)
-            (stage / "trainer.json").write_text(json.dumps({"progress": asdict(progress), "task_end": True,
-                                                            "world_size": 1, "ep_size": 1, "imported": source},
-                                                           indent=1))
+            state = {"progress": asdict(Progress(task=trained)), "task_end": True, "world_size": 1, "ep_size": 1,
+                     "imported": source}
+            layout.write_shared(stage, state, model=model, method=get_method("moe-adapters"),
+                                selector=selectors[i] if selectors else None, adapter_meta={"imported": source})
             ckpt.finalize(stage, tmp / "checkpoints" / name, {"task": trained, "step": 0, "task_end": True})
         write_report(tmp, new_report(tasks, held_out, config=final_cfg.model_dump(mode="json"), imported=source))
         if out.exists():

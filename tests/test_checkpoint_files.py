@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moecl.errors import CheckpointError
-from moecl.train.checkpoint import load_nested, save_nested
+from moecl.runstate.files import load_nested, save_nested
 
 
 def test_run_checkpoints_are_only_safetensors_and_json(tiny_run):
@@ -39,7 +39,7 @@ def test_hostile_skeleton_raises_the_checkpoint_error(tmp_path, hostile, message
 def test_pruning_keeps_the_newest_mid_task_checkpoints_and_every_task_end(tmp_path):
     """train.keep_checkpoints: mid-task checkpoints beyond the newest K go (ordered by task then step, not by
     name length), task-end checkpoints stay; 0 (what a task end passes) removes every mid-task one."""
-    from moecl.train.checkpoint import list_checkpoints, prune_steps, step_dir_name, task_dir_name
+    from moecl.runstate.files import list_checkpoints, prune_steps, step_dir_name, task_dir_name
     names = [step_dir_name(0, 2), step_dir_name(0, 10), task_dir_name(0), step_dir_name(1, 3), step_dir_name(1, 12)]
     for name in names:
         (tmp_path / "checkpoints" / name).mkdir(parents=True)

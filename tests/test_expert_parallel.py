@@ -5,7 +5,7 @@ import torch
 from helpers import read_json, torchrun
 from moecl.config import ModelConfig, MoEConfig
 from moecl.model import build_model
-from moecl.model.state import load_adapter_state
+from moecl.runstate.adapters import load_adapter_state
 
 
 @pytest.mark.slow  # two processes

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ROOT, build_world, cpu_env, resumed_from, run_train, steps_per_process, train_cmd
-from moecl.train.checkpoint import latest_valid, list_checkpoints, verify
+from moecl.runstate.files import latest_valid, list_checkpoints, verify
 
 COMMON = ["train.iterations=4", "train.checkpoint_every=2", "train.deterministic=true", "ddas.iterations=20"]
 COMMON2 = ["train.iterations=2", "train.checkpoint_every=1", "train.deterministic=true", "ddas.iterations=10",

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from moecl.config import ConfigError, ModelConfig, MoEConfig
 from moecl.model import AdapterExpert, MoEAdapter, build_model, noisy_logits, selection_counts, task_logits
-from moecl.model.state import load_adapter_state, save_adapter_state
+from moecl.runstate.adapters import load_adapter_state, save_adapter_state
 
 TINY = ModelConfig(name="moecl-tiny")
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ROOT, cpu_env, free_port, run_train, train_cmd
-from moecl.train.checkpoint import latest_valid
+from moecl.runstate.files import latest_valid
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ROOT, cpu_env, resumed_from, run_train, steps_per_process, train_cmd
-from moecl.train.checkpoint import latest_valid, list_checkpoints, verify
+from moecl.runstate.files import latest_valid, list_checkpoints, verify
 
 
 def _adapters(ckpt_dir):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ROOT, build_world, cpu_env, run_train, train_cmd
-from moecl.train.checkpoint import latest_valid, list_checkpoints, verify
+from moecl.runstate.files import latest_valid, list_checkpoints, verify
 
 ONE = ["train.iterations=4", "train.deterministic=true", "ddas.iterations=10"]
 
@@ -76,7 +76,7 @@ def test_checkpoint_from_another_backbone_is_refused_naming_both(reference, worl
 
 def test_backbone_identity_hashes_weight_files_not_their_names(tmp_path):
     from moecl.config import load_config
-    from moecl.train.identity import backbone_identity
+    from moecl.runstate.identity import backbone_identity
     weights = tmp_path / "init.safetensors"
     weights.write_bytes(b"first")
     a = backbone_identity(load_config("tiny", [f"model.init_checkpoint={weights}"]))
@@ -119,7 +119,7 @@ def test_manifest_listing_too_few_files_is_not_a_checkpoint(reference, tmp_path)
 
 def test_mid_task_checkpoint_needs_every_ranks_part(tmp_path):
     from moecl.errors import CheckpointError
-    from moecl.train import checkpoint as ckpt
+    from moecl.runstate import files as ckpt
     folder = tmp_path / "step"
     folder.mkdir()
     state = {"progress": {"task": 0, "step": 2}, "task_end": False, "world_size": 2, "method": "full-ft",

@@ -108,7 +108,8 @@ def results_table(results: dict[str, Any]) -> str:
 
 def write_results(loaded: LoadedRun, results: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -> dict[str, Path]:
     """results.json (everything, with the eval/ddas config) and clip_benchmark/*.json under ``out_dir``."""
-    from .report import _atomic_write, versions
+    from ..runstate.atomic import atomic_write_text
+    from .report import versions
     out_dir.mkdir(parents=True, exist_ok=True)
     seq = loaded.sequence
     doc = {"run": str(loaded.run_dir), "checkpoint": str(loaded.checkpoint),
@@ -121,14 +122,14 @@ def write_results(loaded: LoadedRun, results: dict[str, Any], out_dir: Path, ext
                       "model": loaded.cfg.model.model_dump(mode="json")},
            "device": str(loaded.device), "versions": versions()}
     written = {"results": out_dir / "results.json"}
-    _atomic_write(written["results"], json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(written["results"], json.dumps(doc, indent=2, allow_nan=False) + "\n")
     bench = out_dir / "clip_benchmark"
     bench.mkdir(exist_ok=True)
     for stale in bench.glob("*.json"):  # an earlier evaluation under the same name (other modes or sets)
         stale.unlink()
     for stem, record in clip_benchmark_records(loaded, results):
         path = bench / f"{stem}.json"
-        _atomic_write(path, json.dumps(record, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
         written[f"clip_benchmark/{stem}"] = path
     return written
 

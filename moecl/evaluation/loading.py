@@ -70,31 +70,6 @@ class LoadedRun:
 
 # ---------------------------------------------------------------------------------------------------------
 
-def resolve_checkpoint(run_dir: Path, checkpoint: Optional[str | Path] = None) -> Path:
-    """The checkpoint folder to load: the given one (a path, or a name under RUN/checkpoints), or the latest
-    valid task-end checkpoint. Verified against its manifest; a CheckpointError names the folder otherwise."""
-    from ..train import checkpoint as ckpt
-    if checkpoint is None:
-        path = ckpt.latest_valid(run_dir, kind="task")
-        if path is None:
-            found = [p.name for p in ckpt.list_checkpoints(run_dir)]
-            what = (f"none of {', '.join(found)} is a complete task-end checkpoint" if found
-                    else "it holds no checkpoints")
-            raise CheckpointError(f"no valid task-end checkpoint in {run_dir / 'checkpoints'}: {what} (has the "
-                                  "run finished its first task? pass --checkpoint to choose one)")
-        return path
-    path = Path(checkpoint)
-    if not path.is_dir() and (run_dir / "checkpoints" / str(checkpoint)).is_dir():
-        path = run_dir / "checkpoints" / str(checkpoint)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist (checkpoints of {run_dir}: "
-                              + (", ".join(p.name for p in ckpt.list_checkpoints(run_dir)) or "none") + ")")
-    problem = ckpt.verify(path)
-    if problem:
-        raise CheckpointError(f"{path} is not a valid checkpoint: {problem}")
-    return path
-
-
 def run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> Config:
     """The run's resolved ``config.yaml``, with eval-time overrides (``eval.*`` and ``ddas.*`` only)."""
     path = run_dir / "config.yaml"
@@ -157,10 +132,10 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
     ``device``: auto (GPU when present), cpu, cuda[:i].
     """
     from ..data import data_options, load_sequence, make_transforms
-    from ..ddas import load_selector
-    from ..model import image_size_of, tokenizer_for
-    from ..model.state import load_adapter_state
     from ..ds_config import autocast_for
+    from ..model import image_size_of, tokenizer_for
+    from ..runstate import layout
+    from ..runstate.identity import backbone_identity, check_checkpoint
     from ..runtime import configure_accelerator_env, pick_device
 
     configure_accelerator_env()
@@ -168,30 +143,20 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist")
     cfg = run_config(run_dir, overrides)
-    path = resolve_checkpoint(run_dir, checkpoint)
+    path = layout.resolve(run_dir, checkpoint)
     dev = pick_device(device) if isinstance(device, str) and device in ("auto", "cpu", "cuda") else torch.device(device)
-    trainer_json = path / "trainer.json"
-    state = json.loads(trainer_json.read_text()) if trainer_json.is_file() else {}
+    state = layout.read_state(path)
     if state and not state.get("task_end", True):
         log.warning("%s is a mid-task checkpoint: the current task's router is only partly trained", path)
     progress = state.get("progress", {})
 
-    from ..train.identity import backbone_identity, check_checkpoint
     check_checkpoint(path, backbone_identity(cfg), f"the run's config ({run_dir / 'config.yaml'})")
     model = build_run_model(cfg, dev)
-    meta: dict[str, Any] = {}
-    if (path / "adapters").is_dir():
-        meta = load_adapter_state(model, path / "adapters")
-    if (path / "backbone.safetensors").is_file():
-        from safetensors.torch import load_file
-        model.clip.load_state_dict(load_file(str(path / "backbone.safetensors"), device=str(dev)))
+    meta, selector = layout.load_weights(path, model, cfg.ddas, dev)
     model.eval()
     model.set_eval_gate_noise(cfg.eval.gate_noise)
-    selector = None
-    if (path / "ddas.safetensors").is_file() and (path / "ddas.json").is_file():
-        from safetensors.torch import load_file
-        selector = load_selector(load_file(str(path / "ddas.safetensors")),
-                                 json.loads((path / "ddas.json").read_text()), cfg.ddas).to(dev)
+    if selector is not None:
+        selector = selector.to(dev)
         if cfg.ddas.threshold == "fixed":  # an eval-time ddas.threshold=fixed override
             selector = fixed_threshold(selector, cfg.ddas.fixed_threshold).to(dev)
     if "task" in progress:  # task-end checkpoints store the next task to train = tasks finished

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import MoeclError
+from ..runstate.atomic import atomic_write_text
 from . import plots
 from .metrics import cil_metrics, mtil_metrics
 
@@ -294,23 +294,6 @@ def _stem(*parts: str) -> str:
     return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "_", p) for p in parts)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        _discard(tmp)
-
-
-def _discard(tmp: Path) -> None:
-    """Remove a temp file; on a read-only folder this fails too, and must not hide the write's own error."""
-    try:
-        tmp.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
 def unwritable(folder: Path | str, err: OSError, what: str) -> MoeclError:
     """The error for results that cannot be written to ``folder`` (read-only or archived run, full disk)."""
     reason = err.strerror or str(err)
@@ -399,7 +382,7 @@ def write_plots(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     for stale in set(index) - set(fresh):  # figures this report no longer has
         (folder / f"{stale}.png").unlink(missing_ok=True)
     if fresh:
-        _atomic_write(index_path, json.dumps(fresh, indent=1) + "\n")
+        atomic_write_text(index_path, json.dumps(fresh, indent=1) + "\n")
     return written
 
 
@@ -448,15 +431,15 @@ def write_report(run_dir: Path | str, report: dict[str, Any]) -> dict[str, Path]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    _atomic_write(run_dir / REPORT_JSON, json.dumps(_plain(report), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(run_dir / REPORT_JSON, json.dumps(_plain(report), indent=2, allow_nan=False) + "\n")
     written["json"] = run_dir / REPORT_JSON
-    _atomic_write(run_dir / REPORT_MD, render_markdown(report) + "\n")
+    atomic_write_text(run_dir / REPORT_MD, render_markdown(report) + "\n")
     written["md"] = run_dir / REPORT_MD
     written.update(write_plots(run_dir, report))
     bench = run_dir / CLIP_BENCHMARK_DIR
     for stem, record in _clip_benchmark_records(report):
         bench.mkdir(exist_ok=True)
-        _atomic_write(bench / f"{stem}.json", json.dumps(record, indent=2) + "\n")
+        atomic_write_text(bench / f"{stem}.json", json.dumps(record, indent=2) + "\n")
         written[f"clip_benchmark/{stem}"] = bench / f"{stem}.json"
     return written
 

@@ -1,27 +1,20 @@
-"""Adapter-only state (experts, routers, noise, frozen set, counters, config) as safetensors + JSON.
+"""Adapter-only state (experts, routers, noise, frozen set, counters, config) as flat tensors + JSON metadata.
 
-Experts are stored by GLOBAL expert id, gathered from every expert-parallel rank, so a state saved at any
-``ep_size`` loads at any other. A few MB instead of a full CLIP per task.
+Experts are keyed by GLOBAL expert id, gathered from every expert-parallel rank, so a state taken at any
+``ep_size`` applies at any other. A few MB instead of a full CLIP per task. No file I/O here: the files
+(``adapters.safetensors`` + ``adapters.json``) are :mod:`moecl.runstate.adapters`.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from .clip import DenseAdapter, MoECLIP
 from .moe import MoEAdapter
 
-TENSORS = "adapters.safetensors"
-META = "adapters.json"
 FORMAT = 1
 
 
@@ -66,36 +59,14 @@ def adapter_state(model: MoECLIP) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, meta
 
 
-def _is_writer() -> bool:
+def is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def save_adapter_state(model: MoECLIP, directory: str | Path, extra_meta: Optional[dict] = None) -> Path:
-    """Write ``adapters.safetensors`` + ``adapters.json`` into ``directory`` (atomically, rank 0 writes)."""
-    tensors, meta = adapter_state(model)
-    meta.update(extra_meta or {})
-    directory = Path(directory)
-    if _is_writer():
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        save_file(tensors, str(tmp / TENSORS))
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    return directory
-
-
-def read_adapter_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    directory = Path(directory)
-    if not (directory / TENSORS).is_file() or not (directory / META).is_file():
-        raise CheckpointError(f"{directory} holds no adapter state ({TENSORS} + {META} expected)")
-    return load_file(str(directory / TENSORS)), json.loads((directory / META).read_text())
-
-
-def load_adapter_state(model: MoECLIP, source: str | Path | tuple[dict, dict], strict_config: bool = True) -> dict:
-    """Load a saved adapter state onto ``model`` (any ep_size): adds tasks as needed; returns the metadata."""
-    tensors, meta = read_adapter_state(source) if not isinstance(source, tuple) else source
+def apply_adapter_state(model: MoECLIP, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                        strict_config: bool = True) -> dict:
+    """Put an adapter state (as :func:`adapter_state` made it, at any ep_size) into ``model``: adds tasks as
+    needed; returns the metadata. Files: :mod:`moecl.runstate.adapters`."""
     if strict_config:
         for key in ("num_experts", "top_k", "width", "towers", "routing", "shared_router"):
             saved, ours = meta["moe"].get(key), getattr(model.moe_cfg, key)
@@ -116,7 +87,7 @@ def load_adapter_state(model: MoECLIP, source: str | Path | tuple[dict, dict], s
                 r.copy_(tensors[f"{name}.router.{t}"])
                 n.copy_(tensors[f"{name}.noise.{t}"])
             # the saved counts are a sum over ranks: rank 0 holds it, so later reductions stay sums
-            site.counts.copy_(tensors[f"{name}.counts"] if _is_writer() else torch.zeros_like(site.counts))
+            site.counts.copy_(tensors[f"{name}.counts"] if is_writer() else torch.zeros_like(site.counts))
             site.frozen.copy_(tensors[f"{name}.frozen"].bool())
             site.apply_frozen()
         for tower, sites in (("image", model.image_sites), ("text", model.text_sites)):

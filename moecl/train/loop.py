@@ -9,7 +9,7 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +22,7 @@ import yaml
 from ..config import Config, check_batch_fits
 from ..data import (Sequence, data_options, eval_batches, fill_template, load_sequence, make_transforms,
                     train_batches)
-from ..ddas import DDASSelector, fit_autoencoder, load_selector
+from ..ddas import DDASSelector, fit_autoencoder
 from ..errors import CheckpointError, MoeclError
 from ..folder_lock import FolderLock
 from ..methods import Method, get_method
@@ -30,12 +30,13 @@ from ..evaluation.evaluator import Evaluator
 from ..evaluation.row import ORACLE, EvalMode, eval_modes, evaluate_row
 from ..model import build_model, image_size_of, tokenizer_for
 from ..model.clip import MoECLIP
-from ..model.state import load_adapter_state, save_adapter_state
 from ..runtime import DistInfo, init_distributed
-from . import checkpoint as ckpt
+from ..runstate import files as ckpt
+from ..runstate import layout
+from ..runstate.identity import backbone_identity, check_checkpoint
+from ..runstate.layout import Progress
 from . import cluster, reshard
 from .faults import checkpoint_saved, maybe_kill, nan_here, resources, step_finished
-from .identity import backbone_identity, check_checkpoint
 from .interrupt import Interrupted, StopRequest, interrupted_line
 from .step_stats import StepStats
 from ..ds_config import autocast_for, ds_config, micro_batch
@@ -46,21 +47,6 @@ log = logging.getLogger("moecl")
 
 class TrainingError(MoeclError):
     """Training cannot go on (non-finite loss, ...)."""
-
-
-@dataclass
-class Progress:
-    """Everything about where the run stands, saved in every checkpoint's trainer.json."""
-    task: int = 0  # the task being trained (or next to train)
-    step: int = 0  # optimizer steps done in that task
-    rows: dict[str, list[list[float]]] = field(default_factory=dict)  # mode -> accuracy-matrix rows
-    confusion: dict[str, list[list[int]]] = field(default_factory=dict)  # mode -> last row's routing confusion
-    frozen: list[dict[str, list[int]]] = field(default_factory=list)  # per finished task: newly frozen experts
-    ddas: list[dict[str, Any]] = field(default_factory=list)  # per task: threshold, hold-out acceptance
-    skipped_steps: int = 0
-    wall_time_s: float = 0.0
-    resources: list[dict[str, int]] = field(default_factory=list)  # per finished task: RSS, open files
-    zero_shot: list[list[float]] = field(default_factory=list)  # per row: the untouched backbone's accuracies
 
 
 def _seed_all(seed: int) -> None:
@@ -726,28 +712,16 @@ class ContinualTrainer:
                 tmp.mkdir(parents=True)
 
         def write_parts() -> None:
-            if self.method.weights_file == "adapters":
-                save_adapter_state(self.model, tmp / "adapters", {"backbone": self.backbone_id})
-            if self.is_main:
-                if self.method.weights_file == "backbone":
-                    from safetensors.torch import save_file
-                    save_file({k: v.contiguous() for k, v in self.model.clip.state_dict().items()},
-                              str(tmp / "backbone.safetensors"))
-                if self.selector.num_tasks:
-                    from safetensors.torch import save_file
-                    tensors, meta = self.selector.to_state()
-                    save_file(tensors, str(tmp / "ddas.safetensors"))
-                    (tmp / "ddas.json").write_text(json.dumps(meta))
-                (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
+            layout.write_shared(tmp, state, model=self.model, method=self.method, selector=self.selector,
+                                adapter_meta={"backbone": self.backbone_id}, is_main=self.is_main)
             if optimizer is not None:  # mid-task: optimizer and RNG of every rank
                 rank = self.info.rank
-                ckpt.save_nested(optimizer.state_dict(), tmp, f"optimizer-rank{rank}")
-                if not self.ds.get("zero_optimization", {}).get("stage"):  # ZeRO state is flat: no names
-                    reshard.save_names(tmp, rank, self.model, optimizer)  # lets it resume on another cluster shape
                 rng = {"torch": torch.get_rng_state()}
                 if torch.cuda.is_available():
                     rng["cuda"] = torch.cuda.get_rng_state()
-                ckpt.save_nested(rng, tmp, f"rng-rank{rank}")
+                layout.write_rank(tmp, rank, optimizer.state_dict(), rng)
+                if not self.ds.get("zero_optimization", {}).get("stage"):  # ZeRO state is flat: no names
+                    reshard.save_names(tmp, rank, self.model, optimizer)  # lets it resume on another cluster shape
 
         def commit() -> None:
             if self.is_main:
@@ -831,15 +805,15 @@ class ContinualTrainer:
     def _maybe_resume(self) -> None:
         if not self.resume:
             return
-        path = ckpt.latest_valid(self.run_dir) if self.resume == "auto" else Path(self.resume)
-        if path is None:
-            if self.is_main:
-                log.info("--resume auto: no valid checkpoint in %s; starting from the beginning", self.run_dir)
-            return
-        problem = ckpt.verify(path)
-        if problem:
-            raise CheckpointError(f"{path} is not a valid checkpoint: {problem}")
-        state = json.loads((path / "trainer.json").read_text())
+        if self.resume == "auto":
+            path = ckpt.latest_valid(self.run_dir)
+            if path is None:
+                if self.is_main:
+                    log.info("--resume auto: no valid checkpoint in %s; starting from the beginning", self.run_dir)
+                return
+        else:
+            path = layout.resolve(self.run_dir, self.resume)
+        state = layout.read_state(path)
         self._saved_shape = (state["world_size"], state.get("ep_size", 1))
         reshape = self._saved_shape != (self.info.world_size, self.cfg.moe.ep_size)
         if not state["task_end"] and reshape and not (reshard.can_reshard(path, state["world_size"])
@@ -850,15 +824,8 @@ class ContinualTrainer:
                                   "its task-end checkpoint (those load at any size)")
         check_checkpoint(path, self.backbone_id, f"this run's config ({self.run_dir / 'config.yaml'})")
         self.progress = Progress(**state["progress"])
-        if (path / "adapters").is_dir():
-            load_adapter_state(self.model, path / "adapters")
-        if (path / "backbone.safetensors").is_file():
-            from safetensors.torch import load_file
-            self.model.clip.load_state_dict(load_file(str(path / "backbone.safetensors")))
-        if (path / "ddas.safetensors").is_file():
-            from safetensors.torch import load_file
-            sel = load_selector(load_file(str(path / "ddas.safetensors")),
-                                json.loads((path / "ddas.json").read_text()), self.cfg.ddas)
+        _, sel = layout.load_weights(path, self.model, self.cfg.ddas)
+        if sel is not None:
             self.selector = sel.to(self.device) if getattr(sel, "reads_images", False) else sel
         self._resume_path = path if not state["task_end"] else None
         if self.is_main:
@@ -881,13 +848,12 @@ class ContinualTrainer:
             if self.is_main:
                 log.info("optimizer state re-sharded by parameter name: %d of %d parameters restored", restored, total)
         elif hasattr(optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: a list indexed by data-parallel rank
-            optimizer.load_state_dict([ckpt.load_nested(path, f"optimizer-rank{r}")
-                                       for r in range(self.info.world_size)])
+            optimizer.load_state_dict([layout.read_optimizer(path, r) for r in range(self.info.world_size)])
         else:
-            optimizer.load_state_dict(ckpt.load_nested(path, f"optimizer-rank{self.info.rank}"))
+            optimizer.load_state_dict(layout.read_optimizer(path, self.info.rank))
         self._resume_path = None
         if self.info.rank < saved_world:
-            return ckpt.load_nested(path, f"rng-rank{self.info.rank}")
+            return layout.read_rng(path, self.info.rank)
         gen = torch.Generator()  # a rank the old shape did not have: a seed of its own
         gen.manual_seed(_stable_seed(self.cfg.train.seed, "task", self.progress.task, self.info.rank,
                                      self.progress.step) % 2**63)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from . import checkpoint as ckpt
+from ..runstate import files as ckpt
 
 
 def names_file(rank: int) -> str:

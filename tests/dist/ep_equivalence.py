@@ -10,7 +10,8 @@ import torch.distributed as dist
 import moecl
 from moecl.config import ModelConfig, MoEConfig
 from moecl.model import build_model
-from moecl.model.state import adapter_state, load_adapter_state, save_adapter_state
+from moecl.model.state import adapter_state
+from moecl.runstate.adapters import load_adapter_state, save_adapter_state
 from moecl.runtime import init_distributed
 
 

@@ -9,7 +9,7 @@ import torch
 import moecl  # noqa: F401
 from moecl.config import ModelConfig, MoEConfig
 from moecl.model import build_model
-from moecl.model.state import load_adapter_state
+from moecl.runstate.adapters import load_adapter_state
 from moecl.runtime import init_distributed
 
 if __name__ == "__main__":

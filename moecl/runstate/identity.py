@@ -15,7 +15,7 @@ from typing import Any, Optional
 from ..config import Config
 from ..errors import CheckpointError
 from ..model.backbone import WEIGHT_SUFFIXES
-from .checkpoint import sha256
+from .files import sha256
 
 
 @functools.lru_cache(maxsize=16)
