@@ -40,13 +40,16 @@ def evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
     """Score every test set of ``loaded.sequence`` in every mode: the trainer's row for the loaded checkpoint
     (the same :func:`moecl.evaluation.row.evaluate_row`). Returns ``{"kind", "columns", "held_out",
     "route_names", "modes": {mode: {...}}}``."""
+    from ..runstate.identity import backbone_identity
     from .evaluator import Evaluator
+    from .frozen import frozen_cache_for
     from .row import evaluate_row
 
     cfg, seq = loaded.cfg, loaded.sequence
     ev = Evaluator(loaded.model, loaded.tokenizer, loaded.eval_tf, device=loaded.device,
                    batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, autocast=loaded.autocast,
-                   max_samples=cfg.eval.max_samples, max_bad_fraction=cfg.data.max_bad_fraction)
+                   max_samples=cfg.eval.max_samples, max_bad_fraction=cfg.data.max_bad_fraction,
+                   frozen=frozen_cache_for(cfg, backbone_identity(cfg), loaded.run_dir, loaded.method))
     trained = loaded.num_trained_tasks
     num_routes = max(len(loaded.trained_task_names), trained)
     route_names = [loaded.route_name(r) for r in range(num_routes)] + ["zero-shot"]
@@ -72,6 +75,7 @@ def evaluate_loaded(loaded: LoadedRun, modes=None) -> dict[str, Any]:
             "routing": {c: {route_names[k]: n for k, n in enumerate(cr) if n}
                         for c, cr in zip(out["columns"], confusion)},
             "seconds": result.seconds}
+        out["work"] = result.work.as_dict()  # the row's images: frozen forward, adapted forward, decoded
     return out
 
 

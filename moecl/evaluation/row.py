@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..methods import Method, get_method
-from .evaluator import Evaluator, SetResult, cil_label_set, confusion_row, label_set
+from .evaluator import Evaluator, RouteMode, SetResult, Work, cil_label_set, confusion_row, label_set
 
 
 @dataclass
@@ -65,7 +65,8 @@ class ModeResult:
     mode: EvalMode
     results: list[SetResult]
     read: dict[str, dict[str, int]] = field(default_factory=dict)  # "task/split" -> samples read per shard
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole row's (modes share one pass over the data)
+    work: Work = field(default_factory=Work)  # the whole row's images, summed over ranks
 
     @property
     def row(self) -> list[float]:
@@ -88,38 +89,46 @@ def evaluate_row(ev: Evaluator, seq: Any, method: Method | str, modes: Sequence[
                  templates: str = "ensemble", zero_shot: bool = False) -> dict[str, ModeResult]:
     """Score ``seq``'s test sets in every mode after ``trained`` tasks (default: ``len(trained_names)``),
     whose names, in training order, are the route ids. ``zero_shot``: the first mode also counts the
-    untouched backbone's hits on the same images (MTIL: every set; CIL: the seen classes)."""
+    untouched backbone's hits on the same images (MTIL: every set; CIL: the seen classes).
+
+    Each test set is scored in all modes at once (:meth:`Evaluator.evaluate_set`), so the modes share one
+    reading of the set and, with a frozen-feature cache, the plain and routed forwards. Every mode's result
+    carries the row's cost (``work``: images through the frozen and the adapted forward, images decoded)."""
     method = get_method(method) if isinstance(method, str) else method
     trained = len(trained_names) if trained is None else trained
     names = list(trained_names)[:trained]
-    out: dict[str, ModeResult] = {}
+    tic = time.time()
+    ev.read = read = {}
+    ev.work = Work()
+
+    def routing(task: Any, held_out: bool = False) -> list[RouteMode]:
+        route = method.oracle_route(task.name, names, held_out=held_out)
+        return [RouteMode(m.kind, route, m.selector, m.decision) for m in modes]
+
     with torch.no_grad():
-        for k, mode in enumerate(modes):
-            tic = time.time()
-            ev.read = read = {}
-            with_zs = zero_shot and k == 0
-            common = dict(mode=mode.kind, selector=mode.selector, decision=mode.decision, trained=trained,
-                          zero_shot=with_zs)
-            if cil:
-                seen = seq.tasks[:trained]
-                labels = cil_label_set(seen, templates)
-                total = SetResult(zero_shot_correct=0 if with_zs else None)
-                offset = 0
-                for task in seen:
-                    r = ev.evaluate(task, labels, oracle_route=method.oracle_route(task.name, names),
-                                    label_offset=offset, **common)
+        if cil:
+            seen = seq.tasks[:trained]
+            labels = cil_label_set(seen, templates)
+            totals = [SetResult(zero_shot_correct=0 if zero_shot and k == 0 else None) for k in range(len(modes))]
+            offset = 0
+            for task in seen:
+                for total, r in zip(totals, ev.evaluate_set(task, labels, routing(task), label_offset=offset,
+                                                            trained=trained, zero_shot=zero_shot)):
                     total.correct, total.total = total.correct + r.correct, total.total + r.total
-                    if with_zs:
+                    if total.zero_shot_correct is not None:
                         total.zero_shot_correct += r.zero_shot_correct or 0
                     for route, n in r.routes.items():
                         total.routes[route] = total.routes.get(route, 0) + n
-                    offset += task.num_classes
-                results = [total]
-            else:
-                n_train = len(seq.tasks)
-                results = [ev.evaluate(task, label_set(task, templates),
-                                       oracle_route=method.oracle_route(task.name, names, held_out=j >= n_train),
-                                       **common)
-                           for j, task in enumerate(seq.all_tasks())]
-            out[mode.name] = ModeResult(mode, results, read, round(time.time() - tic, 3))
-    return out
+                offset += task.num_classes
+            per_mode = [[total] for total in totals]
+        else:
+            n_train = len(seq.tasks)
+            per_mode = [[] for _ in modes]
+            for j, task in enumerate(seq.all_tasks()):
+                for results, r in zip(per_mode, ev.evaluate_set(task, label_set(task, templates),
+                                                                routing(task, held_out=j >= n_train),
+                                                                trained=trained, zero_shot=zero_shot)):
+                    results.append(r)
+    work = ev.reduce_work()
+    seconds = round(time.time() - tic, 3)
+    return {mode.name: ModeResult(mode, results, read, seconds, work) for mode, results in zip(modes, per_mode)}

@@ -44,6 +44,7 @@ class Progress:
     wall_time_s: float = 0.0
     resources: list[dict[str, int]] = field(default_factory=list)  # per finished task: RSS, open files
     zero_shot: list[list[float]] = field(default_factory=list)  # per row: the untouched backbone's accuracies
+    eval_work: list[dict[str, int]] = field(default_factory=list)  # per row: images plain / routed / decoded
 
 
 # ---- write ---------------------------------------------------------------------------------------------

@@ -621,7 +621,10 @@ class ContinualTrainer:
 
     def _evaluator(self) -> Evaluator:
         eval_tf = self.train_tf if self.cfg.eval.transform == "train" else self.eval_tf
-        return Evaluator(self.model, self.tokenizer, eval_tf, device=self.device,
+        if not hasattr(self, "frozen"):  # one cache for the whole run: the frozen backbone never changes
+            from ..evaluation.frozen import frozen_cache_for
+            self.frozen = frozen_cache_for(self.cfg, self.backbone_id, self.run_dir, self.method)
+        return Evaluator(self.model, self.tokenizer, eval_tf, device=self.device, frozen=self.frozen,
                          batch_size=self.cfg.eval.batch_size, rank=self.info.rank, world_size=self.info.world_size,
                          workers=self.cfg.eval.workers, autocast=self.autocast, max_samples=self.cfg.eval.max_samples,
                          max_bad_fraction=self.cfg.data.max_bad_fraction,
@@ -653,6 +656,11 @@ class ContinualTrainer:
                 for j, a in enumerate(row):
                     self.writer.add_scalar(f"accuracy_{name}/{cols[j]}", a, t)
         self.rank_log.eval_row(t, {name: result.read for name, result in rows.items()})
+        work = next(iter(rows.values())).work
+        self.progress.eval_work.append(work.as_dict())
+        if self.is_main:
+            log.info("row %d cost %d image forwards (%d frozen, %d adapted) and %d decoded images", trained,
+                     work.forwards, work.plain, work.routed, work.decoded)
         if zs_row:
             self.progress.zero_shot.append(zs_row)
         elif self.progress.zero_shot:  # full-ft: the row recorded before training
@@ -875,6 +883,7 @@ class ContinualTrainer:
                             resources=self.progress.resources,
                             skipped_steps=self.progress.skipped_steps)
         report["trainable_parameters"] = trainable
+        report["eval_work"] = list(self.progress.eval_work)  # per row: images through each forward, decoded
         kind = "cil" if self.cfg.eval.cil else "mtil"
         entries = {}
         for mode, rows in self.progress.rows.items():
