@@ -177,9 +177,9 @@ class EvalConfig(_Section):
     gate_noise: bool = Field(False, description="keep the gates' training noise on at test time (published CIL eval)")
     transform: Literal["eval", "train"] = Field(
         "eval", description="test-image transform: eval (center crop) or train (random crop, published CIL eval)")
-    frozen_cache: Literal["disk", "memory", "off"] = Field(
+    frozen_cache: Literal["disk", "memory", "none"] = Field(
         "disk", description="reuse the frozen backbone's test features across rows: disk (also under RUN/cache, "
-                            "for resume and moecl eval), memory, off (every mode re-encodes every set, as published)")
+                            "for resume and moecl eval), memory, none (every mode re-encodes every set, as published)")
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":

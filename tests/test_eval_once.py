@@ -128,3 +128,41 @@ def test_changed_shard_content_changes_the_key(tasks, tmp_path):
     other = dataclasses.replace(task, sha256={**task.sha256, name: "0" * 64})
     assert cache.key(task, "test", {}) != cache.key(other, "test", {})
     assert cache.key(task, "test", {}) == FrozenCache(dict(IDENTITY)).key(task, "test", {})
+
+
+# ---- a real run ------------------------------------------------------------------------------------------------
+
+def test_a_run_with_the_cache_has_the_accuracy_matrices_of_one_without_it(tiny_run, tmp_path):
+    """The session's tiny run (eval.frozen_cache=disk, the default) against the same run re-encoding everything
+    (off): identical accuracy matrices and routing, bit for bit; fewer image forwards per row."""
+    import json
+
+    from helpers import run_train
+    world, run = tiny_run
+    off = tmp_path / "off"
+    run_train(off, world, "eval.frozen_cache=none")
+    a, b = (json.loads((r / "report.json").read_text()) for r in (run, off))
+    assert a["methods"] == b["methods"]  # matrices, metrics and routing confusion of every mode
+    rows = len(a["eval_work"])
+    assert rows == len(b["eval_work"]) == 2
+    for cached, full in zip(a["eval_work"], b["eval_work"]):
+        assert sum(cached.values()) < sum(full.values())
+    assert a["eval_work"][1]["plain"] == 0  # row 2 reads the frozen features of row 1
+    assert sorted(p.name for p in (run / "cache" / "frozen").iterdir())  # kept for resume and moecl eval
+
+
+def test_moecl_eval_reuses_the_runs_frozen_features(tiny_run, tmp_path):
+    import json
+    import shutil
+
+    from moecl.cli import main
+    _, run = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", "tb"))
+    assert main(["eval", str(copy)]) == 0
+    doc = json.loads(next((copy / "eval").glob("*/results.json")).read_text())
+    assert doc["work"]["plain"] == 0 and doc["work"]["routed"] > 0
+    report = json.loads((run / "report.json").read_text())
+    method = next(m for m in report["methods"] if m != "zero-shot")
+    for mode, entry in doc["modes"].items():
+        assert entry["row"] == report["methods"][method][mode]["matrix"][-1], mode

@@ -148,8 +148,8 @@ class FrozenCache:
 
 def frozen_cache_for(cfg: Any, identity: dict[str, Any], run_dir: Optional[Path], method: Any) -> Optional[FrozenCache]:
     """The cache a run's evaluation uses, or None where the frozen features are not fixed: full fine-tuning
-    (route -1 trains), random test crops (``eval.transform=train``), or ``eval.frozen_cache=off``."""
-    if cfg.eval.frozen_cache == "off" or not method.zero_shot_is_frozen or cfg.eval.transform != "eval":
+    (route -1 trains), random test crops (``eval.transform=train``), or ``eval.frozen_cache=none``."""
+    if cfg.eval.frozen_cache == "none" or not method.zero_shot_is_frozen or cfg.eval.transform != "eval":
         return None
     folder = Path(run_dir) / "cache" / "frozen" if cfg.eval.frozen_cache == "disk" and run_dir is not None else None
     return FrozenCache(identity, folder)
