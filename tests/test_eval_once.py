@@ -98,6 +98,28 @@ def test_a_set_nobody_routes_is_scored_from_the_cache_without_reading_it(tasks):
     assert ev2.read == ev.read  # the shards the cached entry was read from are still reported per row
 
 
+def test_only_routed_images_are_decoded_once_the_features_are_cached(tasks):
+    """A held-out set (oracle: zero-shot) where DDAS routes the even classes (5 of task b's 7 images): from the
+    second row on only those 5 are decoded and encoded; the rest keep their place undecoded and score from the
+    cache. The numbers equal those of scoring without the cache."""
+    task = tasks[1]
+    modes = [RouteMode("oracle", -1), RouteMode("agnostic", -1, EvenToTaskSelector())]
+
+    def row(model, frozen):
+        ev = Evaluator(model, tokenizer, preprocess, device=torch.device("cpu"), batch_size=3, frozen=frozen)
+        res = ev.evaluate_set(task, label_set(task), modes, trained=2, zero_shot=True)
+        return [(r.correct, r.total, r.routes, r.zero_shot_correct) for r in res], ev.work
+
+    model, frozen = CountingCLIP(), FrozenCache(IDENTITY)
+    first, _ = row(model, frozen)
+    model.plain = model.routed = 0
+    second, work = row(model, frozen)
+    assert work.as_dict() == {"plain": 0, "routed": 5, "decoded": 5} and (model.plain, model.routed) == (0, 5)
+    apart, _ = row(CountingCLIP(), None)
+    assert first == second == apart
+    assert apart[1][:2] == (5, 7)  # the routed even classes are right, the zero-shot odd ones wrong (stub)
+
+
 def test_disk_cache_is_reused_checked_and_keyed_by_backbone_and_data(tasks, tmp_path, caplog):
     folder = tmp_path / "frozen"
     model = CountingCLIP()

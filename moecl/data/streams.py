@@ -123,6 +123,8 @@ class _ShardDataset(IterableDataset):
         self.num_classes, self.where, self.max_samples, self.captions = num_classes, where, max_samples, captions
         self.classnames = classnames
         self._events: list[dict[str, Any]] = []
+        self.skip_decode: frozenset[str] = frozenset()  # eval: keys kept in place without decoding their image
+        self.skipped_shape: Optional[tuple[int, ...]] = None
 
     # -- reading ------------------------------------------------------------------------------------------
     def _read(self, shard: int, keep: Optional[Callable[[int, int], bool]],
@@ -154,6 +156,14 @@ class _ShardDataset(IterableDataset):
                                                          "(truncated?)", lost))
 
     def _decode(self, key: str, raw: dict[str, Any], rng: random.Random, url: str):
+        if key in self.skip_decode:  # its image is not needed: the label only (cheap), a zero image in its place
+            try:
+                target = decode_label(raw, self.num_classes)
+                self._check_classname(raw, target, url, key)
+            except BadSample as e:
+                self._events.append(bad_event(url, key, str(e)))
+                return None
+            return torch.zeros(self.skipped_shape), target, key
         try:
             if SKIP_KEY in raw:  # a member over data.max_member_bytes: never read
                 raise BadSample(raw[SKIP_KEY])
@@ -443,7 +453,8 @@ def train_batches(task: TaskInfo, split: str = "train", *, batch_size: int, rank
 def eval_batches(task: TaskInfo, split: str = "test", *, batch_size: int, rank: int = 0, world_size: int = 1,
                  workers: int = 0, preprocess: Preprocess, max_samples: Optional[int] = None,
                  max_bad_fraction: float = 0.01, equal_batches: bool = False,
-                 pin_memory: bool = False) -> EvalStream:
+                 pin_memory: bool = False, skip_decode: Optional[frozenset[str]] = None,
+                 skipped_shape: Optional[tuple[int, ...]] = None) -> EvalStream:
     """Finite stream of ``(images, labels, keys)``: every sample exactly once over all ranks and workers.
 
     With fewer shards than ``world_size x workers`` each loader reads every shard and keeps every
@@ -451,8 +462,12 @@ def eval_batches(task: TaskInfo, split: str = "test", *, batch_size: int, rank: 
     written shuffled, so that is a random subset). ``equal_batches`` pads every rank to the same number of
     batches with label -1 / key "" batches (for collective ops such as expert-parallel all-to-all).
     After the pass the rank's count is checked against task.json; ``check_eval_count`` checks the total.
+    ``skip_decode``: sample keys whose image is not needed (the evaluator holds their features): they keep
+    their place in the batch with a zero image of ``skipped_shape`` and their label, and are not decoded.
     """
     _check_common(batch_size, rank, world_size, workers)
+    if skip_decode and skipped_shape is None:
+        raise ValueError("skip_decode needs skipped_shape (the shape of one preprocessed image)")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
     urls, counts = _task_urls(task, split)
@@ -481,6 +496,7 @@ def eval_batches(task: TaskInfo, split: str = "test", *, batch_size: int, rank: 
                        world_size=world_size, seed=0, preprocess=preprocess, shuffle_buffer=0, resampled=False,
                        num_classes=task.num_classes, where=where, max_samples=max_samples,
                        classnames=task.classnames, limits=task.limits, local=not task.remote)
+    ds.skip_decode, ds.skipped_shape = skip_decode or frozenset(), skipped_shape
     return EvalStream(ds, workers, max_bad_fraction, where, _seed(rank, "eval"), pin_memory, task=task,
                       split=split, rank=rank, world_size=world_size, expected=expected, expected_total=total,
                       planned_batches=planned, equal_batches=equal_batches, batch_size=batch_size)

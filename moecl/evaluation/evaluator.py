@@ -161,10 +161,12 @@ class Evaluator:
                    decision: str) -> tuple[torch.Tensor, torch.Tensor]:
         return routes_for(self.model, images, mode, oracle_route, selector, decision)
 
-    def _stream(self, task: TaskInfo, split: str):
+    def _stream(self, task: TaskInfo, split: str, skip: Optional[frozenset[str]] = None,
+                shape: Optional[tuple[int, ...]] = None):
         return eval_batches(task, split, batch_size=self.batch_size, rank=self.rank, world_size=self.world_size,
                             workers=self.workers, preprocess=self.preprocess, max_samples=self.max_samples,
-                            equal_batches=self.collective_routes, max_bad_fraction=self.max_bad_fraction)
+                            equal_batches=self.collective_routes, max_bad_fraction=self.max_bad_fraction,
+                            skip_decode=skip, skipped_shape=shape)
 
     def _count_read(self, read: dict[str, int], keys) -> None:
         for key in keys:
@@ -292,9 +294,13 @@ class Evaluator:
         if not self._agreed(cached is not None):
             cached = None
         pixels = any(m.kind != "oracle" and getattr(m.selector, "reads_images", False) for m in modes)
+        skip: Optional[frozenset[str]] = None
         if cached is not None and not pixels and not self.collective_routes:
             plans = [[select_routes(None, p, m.kind, m.oracle_route, m.selector, m.decision) for m in modes]
                      for p in cached.plain]
+            # images no mode routes are not decoded (their features are cached); the others are
+            skip = frozenset(k for keys, plan in zip(cached.keys, plans)
+                             for i, k in enumerate(keys) if not any(int(r[i]) >= 0 for r in plan))
             if not any(bool((r >= 0).any()) for plan in plans for r in plan):  # nothing routed: no reading at all
                 for plain, targets, plan in zip(cached.plain, cached.targets, plans):
                     for res, r in zip(results, plan):
@@ -305,13 +311,13 @@ class Evaluator:
                     read[shard] = read.get(shard, 0) + n
                 return [self._reduce(r) for r in results]
         fresh = SetFeatures([], [], [], {}) if cached is None else None
-        stream = self._stream(task, split)
+        stream = self._stream(task, split, skip, cached.image_shape if skip else None)
         for b, (images, targets, keys) in enumerate(stream):
             self._count_read(read, keys)
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device)
             n = images.shape[0]
-            self.work.decoded += n
+            self.work.decoded += n - (sum(k in skip for k in keys) if skip else 0)
             with self.autocast():
                 if cached is not None and b < len(cached.keys) and cached.keys[b] == list(keys):
                     plain = cached.plain[b].to(self.device)
@@ -328,6 +334,7 @@ class Evaluator:
             if zero_shot:
                 self._score_zero_shot(results[0], labels, plain, targets, label_offset)
             if fresh is not None:
+                fresh.image_shape = tuple(images.shape[1:])
                 fresh.keys.append(list(keys))
                 fresh.targets.append(targets.cpu())
                 fresh.plain.append(plain.cpu())

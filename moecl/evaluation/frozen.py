@@ -33,6 +33,7 @@ class SetFeatures:
     targets: list[torch.Tensor]  # [B] long per batch (-1 for padding rows)
     plain: list[torch.Tensor]  # [B, D] float32 per batch, L2-normalised
     read: dict[str, int]  # samples per shard this rank read when the entry was made
+    image_shape: tuple[int, ...] = ()  # one preprocessed image (placeholder for images not decoded)
 
     @property
     def images(self) -> int:
@@ -116,7 +117,7 @@ class FrozenCache:
                    "targets": torch.cat(entry.targets) if entry.targets else torch.zeros(0, dtype=torch.long),
                    "sizes": sizes}
         meta = {"key": key, "keys": json.dumps([k for ks in entry.keys for k in ks]), "read": json.dumps(entry.read),
-                "sha256": _digest(tensors)}
+                "image_shape": json.dumps(list(entry.image_shape)), "sha256": _digest(tensors)}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -136,6 +137,9 @@ class FrozenCache:
             if sum(sizes) != len(flat) or len(flat) != tensors["plain"].shape[0] or tensors["plain"].dtype != torch.float32:
                 raise ValueError("its sizes disagree")
             read = {str(k): int(v) for k, v in json.loads(meta.get("read", "{}")).items()}
+            shape = tuple(int(s) for s in json.loads(meta.get("image_shape", "[]")))
+            if sizes and (not shape or len(shape) > 4 or any(s < 1 or s > 1 << 14 for s in shape)):
+                raise ValueError(f"its image shape {shape} is not one")
         except Exception as e:  # noqa: BLE001 - any damage means: recompute
             log.warning("frozen-feature cache file %s is unusable (%s): recomputing it", path, e)
             return None
@@ -143,7 +147,8 @@ class FrozenCache:
         for s in sizes:
             keys.append(flat[starts[-1]:starts[-1] + s])
             starts.append(starts[-1] + s)
-        return SetFeatures(keys, list(tensors["targets"].split(sizes)), list(tensors["plain"].split(sizes)), read)
+        return SetFeatures(keys, list(tensors["targets"].split(sizes)), list(tensors["plain"].split(sizes)), read,
+                           shape)
 
 
 def frozen_cache_for(cfg: Any, identity: dict[str, Any], run_dir: Optional[Path], method: Any) -> Optional[FrozenCache]:
