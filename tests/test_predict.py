@@ -3,6 +3,7 @@ import csv
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,34 @@ def test_cli_predict_folder_json_csv(tiny, tmp_path, capsys):
     assert "digits" in capsys.readouterr().out
     assert main(["predict", str(run), "--images", str(tmp_path / "missing.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_predict_streams_a_folder_as_json_lines_with_loader_processes(tiny, predictor, tmp_path):
+    """A folder streams through in batches decoded by loader processes; --jsonl holds one line per image, equal
+    to the in-memory results; more images than the terminal table lists print only the counts."""
+    from moecl.evaluation import predict as P
+    _, run, images = tiny
+    paths = _mixed(images, 40)
+    ref = predictor.predict(paths)
+    streamed = [r for b in Predictor(run, device="cpu", batch_size=6, loaded=predictor.run)
+                .predict_iter(paths, workers=2) for r in b]
+    assert [(r["image"], r["route"], r["top"][0]["label"]) for r in streamed] == \
+        [(r["image"], r["route"], r["top"][0]["label"]) for r in ref]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, p in enumerate(paths):
+        shutil.copy(p, folder / f"{i:03d}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out" / "pred.jsonl"
+    old, P.TABLE_MAX = P.TABLE_MAX, 10
+    try:
+        assert main(["predict", str(run), "--images", str(folder), "--jsonl", str(out), "--workers", "2",
+                     "--batch-size", "8"]) == 0
+    finally:
+        P.TABLE_MAX = old
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 40 and not (tmp_path / "out" / "pred.jsonl.partial").exists()
+    by_name = {Path(r["image"]).name: r for r in lines}
+    for i, r in enumerate(ref):
+        got = by_name[f"{i:03d}.png"]
+        assert got["route"] == r["route"] and [t["label"] for t in got["top"]] == [t["label"] for t in r["top"]]

@@ -18,7 +18,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -156,10 +156,19 @@ class Predictor:
 
     # ---- prediction --------------------------------------------------------------------------------------
     def _load(self, image: ImageInput) -> tuple[torch.Tensor, str]:
-        from ..data import open_image
-        if isinstance(image, Image.Image):
-            return self.run.eval_tf(image.convert("RGB")), str(getattr(image, "filename", "") or "")
-        return self.run.eval_tf(open_image(image)), str(image)
+        return _load_image(image, self.run.eval_tf)
+
+    def _batches(self, images: Sequence[ImageInput], workers: int):
+        """(loaded [(tensor, name)], unreadable [(name, reason)]) per batch of ``batch_size`` inputs, decoded by
+        ``workers`` loader processes (0: here); at most a few batches are held at once."""
+        if workers > 0 and all(isinstance(i, (str, Path)) for i in images):
+            from torch.utils.data import DataLoader
+            loader = DataLoader(_ImageFiles(list(images), self.run.eval_tf), batch_size=self.batch_size,
+                                num_workers=workers, collate_fn=_split_unreadable, prefetch_factor=2)
+            yield from loader
+            return
+        for start in range(0, len(images), self.batch_size):
+            yield _split_unreadable([_try_load(img, self.run.eval_tf) for img in images[start:start + self.batch_size]])
 
     @torch.no_grad()
     def predict(self, images: Sequence[ImageInput], labels: Optional[Sequence[str]] = None,
@@ -171,7 +180,18 @@ class Predictor:
         ``labels``) score its class names; neither: DDAS routes each image and it is scored against its
         routed task's classes (zero-shot: all classes of the sequence). ``labels="all-seen"``: every class
         of every learned task, whichever route an image takes (class-incremental use). ``skipped``: a list to
-        receive ``(image, reason)`` for unreadable images, which are then left out instead of raising."""
+        receive ``(image, reason)`` for unreadable images, which are then left out instead of raising.
+        :meth:`predict_iter` yields the same results batch by batch (bounded memory for many images)."""
+        return [r for batch in self.predict_iter(images, labels, task, top, templates, skipped) for r in batch]
+
+    @torch.no_grad()
+    def predict_iter(self, images: Sequence[ImageInput], labels: Optional[Sequence[str]] = None,
+                     task: Optional[str] = None, top: int = 5, templates: Optional[Sequence[str]] = None,
+                     skipped: Optional[list[tuple[str, str]]] = None, workers: int = 0
+                     ) -> Iterator[list[dict[str, Any]]]:
+        """:meth:`predict`'s results, one list per batch of ``batch_size`` images, decoded by ``workers``
+        loader processes. Each image runs the plain forward (DDAS reads it) and, when routed to a task, that
+        route's forward; zero-shot images reuse the plain features."""
         if isinstance(labels, str) and labels == ALL_SEEN:
             if task is not None:
                 raise ValueError(f"labels={ALL_SEEN!r} and task exclude each other")
@@ -185,23 +205,23 @@ class Predictor:
             self.forced_route(task)
         model, run = self.run.model, self.run
         scale = model.logit_scale.exp().float()
-        out: list[dict[str, Any]] = []
-        for start in range(0, len(images), self.batch_size):
-            loaded = []
-            for img in images[start:start + self.batch_size]:
-                try:
-                    loaded.append(self._load(img))
-                except (DataError, OSError, ValueError) as e:  # open_image names the file
-                    if skipped is None:
-                        raise
-                    skipped.append((str(img), str(e)))
+        start = 0
+        for loaded, bad in self._batches(images, workers):
+            for name, reason in bad:
+                if skipped is None:
+                    raise DataError(reason)
+                skipped.append((name, reason))
             if not loaded:
+                start += len(bad)
                 continue
             x = torch.stack([t for t, _ in loaded]).to(run.device)
             with run.autocast():
                 routes, plain, errors = self.routes(x, task)
-                feats = (model.encode_image(x, routes, normalize=True).float() if bool((routes >= 0).any())
-                         else plain)
+                feats = plain
+                routed = (routes >= 0).nonzero().flatten()
+                if routed.numel():  # the adapted forward only for the routed images
+                    feats = plain.clone()
+                    feats[routed] = model.encode_image(x[routed], routes[routed], normalize=True).float()
             rows: list[Optional[dict[str, Any]]] = [None] * len(loaded)
             for r in routes.unique().tolist():
                 idx = (routes == r).nonzero().flatten()
@@ -214,8 +234,41 @@ class Predictor:
                                "top": [{"label": names[c], "probability": float(q)} for q, c in zip(pi, ki)]}
                     if errors is not None:
                         rows[i]["ddas_error"] = {run.route_name(t): float(e) for t, e in enumerate(errors[i].tolist())}
-            out.extend(rows)  # type: ignore[arg-type]
-        return out
+            start += len(loaded) + len(bad)
+            yield rows  # type: ignore[misc]
+
+
+def _load_image(image: ImageInput, tf) -> tuple[torch.Tensor, str]:
+    from ..data import open_image
+    if isinstance(image, Image.Image):
+        return tf(image.convert("RGB")), str(getattr(image, "filename", "") or "")
+    return tf(open_image(image)), str(image)
+
+
+def _try_load(image: ImageInput, tf) -> tuple[Optional[torch.Tensor], str, Optional[str]]:
+    """(tensor, name, None), or (None, name, reason) for an image that cannot be read (open_image names it)."""
+    try:
+        tensor, name = _load_image(image, tf)
+        return tensor, name, None
+    except (DataError, OSError, ValueError) as e:
+        return None, str(image), str(e)
+
+
+def _split_unreadable(items: list) -> tuple[list[tuple[torch.Tensor, str]], list[tuple[str, str]]]:
+    return ([(t, n) for t, n, e in items if e is None], [(n, e) for t, n, e in items if e is not None])
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Image files for loader processes (each item decoded where it is read)."""
+
+    def __init__(self, paths: list, tf):
+        self.paths, self.tf = paths, tf
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return _try_load(self.paths[i], self.tf)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,32 +340,79 @@ def _common_parent(names: list[str]) -> str:
 MAX_TOP = 1000
 
 
+TABLE_MAX = 200  # images listed on the terminal; beyond it only the route counts (the files hold every image)
+
+
 def run_predict(args) -> int:
     top = getattr(args, "top", None)
     top = 5 if top is None else int(top)
     if not 1 <= top <= MAX_TOP:
         raise MoeclError(f"--top must be between 1 and {MAX_TOP} (labels shown per image), got {top}")
+    workers = int(getattr(args, "workers", 0) or 0)
+    batch_size = getattr(args, "batch_size", None)
+    if workers < 0 or (batch_size is not None and batch_size < 1):
+        raise MoeclError(f"--workers must be >= 0 and --batch-size >= 1 (got {workers}, {batch_size})")
     images = find_images(args.images)
     labels = [l.strip() for l in args.labels.split(",") if l.strip()] if getattr(args, "labels", None) else None
     if labels == [ALL_SEEN]:
         labels = ALL_SEEN
     if getattr(args, "labels", None) is not None and not labels:
         raise DataError("--labels is empty: give comma-separated label names, e.g. --labels \"cat,dog\"")
-    predictor = Predictor(args.run, getattr(args, "checkpoint", None), getattr(args, "device", None) or "auto")
+    predictor = Predictor(args.run, getattr(args, "checkpoint", None), getattr(args, "device", None) or "auto",
+                          batch_size=batch_size)
+    jsonl_path = getattr(args, "jsonl", None)
+    keep = bool(getattr(args, "json", None) or getattr(args, "csv", None)) or len(images) <= TABLE_MAX
     skipped: list[tuple[str, str]] = []
-    results = predictor.predict(images, labels=labels, task=getattr(args, "task", None), top=top, skipped=skipped)
+    results: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    done = 0
+    jsonl = None
+    if jsonl_path:
+        try:
+            Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
+            jsonl = open(f"{jsonl_path}.partial", "w", encoding="utf-8")  # renamed once complete
+        except OSError as e:
+            raise MoeclError(f"cannot write --jsonl {jsonl_path}: {e.strerror or e}") from None
+    bar = None
+    if sys.stderr.isatty() and len(images) > predictor.batch_size:
+        from tqdm import tqdm
+        bar = tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True)
+    try:
+        for batch in predictor.predict_iter(images, labels=labels, task=getattr(args, "task", None), top=top,
+                                            skipped=skipped, workers=workers):
+            for r in batch:
+                counts[r["route"]] = counts.get(r["route"], 0) + 1
+                if jsonl is not None:
+                    jsonl.write(json.dumps(r) + "\n")
+            if jsonl is not None:
+                jsonl.flush()
+            if keep:
+                results.extend(batch)
+            if bar is not None:
+                bar.update(len(batch) + len(skipped) - (bar.n - done))
+            done += len(batch)
+    finally:
+        if bar is not None:
+            bar.close()
+        if jsonl is not None:
+            jsonl.close()
+    if jsonl is not None:  # complete: the file appears under its name only now
+        Path(jsonl.name).replace(jsonl_path)
     if skipped:  # listed, as data_tools lists unreadable images; the readable ones are still predicted
         print(f"{len(skipped)} unreadable image(s) skipped:", file=sys.stderr)
         for name, reason in skipped:  # open_image's reason names the file already
             print("  " + _printable(reason if name in reason else f"{name}: {reason}"), file=sys.stderr)
-    if not results:
+    if not done:
         raise DataError(f"none of the {len(images)} image(s) could be read (listed above)")
-    print(format_predictions(results, top))
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r["route"]] = counts.get(r["route"], 0) + 1
-    print(f"{len(results)} image(s); routes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    if len(images) <= TABLE_MAX:
+        print(format_predictions(results, top))
+    elif not (jsonl_path or getattr(args, "json", None) or getattr(args, "csv", None)):
+        print(f"{done} images predicted; more than {TABLE_MAX}, so none are listed here: write them with --jsonl "
+              "(or --json / --csv)", file=sys.stderr)
+    print(f"{done} image(s); routes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
           + (f"; {len(skipped)} unreadable skipped" if skipped else ""), file=sys.stderr)
+    if jsonl_path:
+        print(f"wrote {jsonl_path}")
     for option, target, write in (("--json", getattr(args, "json", None), lambda p: write_json(results, p)),
                                   ("--csv", getattr(args, "csv", None), lambda p: write_csv(results, p, top))):
         if target:
