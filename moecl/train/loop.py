@@ -9,7 +9,7 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,7 +36,7 @@ from ..runstate import layout
 from ..runstate.identity import backbone_identity, check_checkpoint
 from ..runstate.layout import Progress
 from . import cluster, reshard
-from .faults import checkpoint_saved, maybe_kill, nan_here, resources, step_finished
+from .faults import fault_hooks, resources
 from .interrupt import Interrupted, StopRequest, interrupted_line
 from .step_stats import StepStats
 from ..ds_config import autocast_for, ds_config, micro_batch
@@ -108,6 +108,27 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
+@dataclass
+class _TaskSteps:
+    """What the steps of one task share (made by ``ContinualTrainer._start_task``)."""
+    t: int
+    task: Any
+    engine: Any
+    optimizer: Any
+    params: list[torch.nn.Parameter]
+    tokens: torch.Tensor  # the task's class prompts, trimmed
+    route: int  # the route the task trains (moecl.methods)
+    total: int  # steps of the task
+    peak: float  # peak learning rate
+    chunk: int  # steps between checkpoints (the task's length without mid-task checkpoints)
+    stats: StepStats
+    bar: Any
+    tic: float
+    seen: int = 0  # images, all ranks
+    lr: float = 0.0  # of the last step
+    grad_norm: Optional[float] = None  # of the last logging step (this rank's)
+
+
 class ContinualTrainer:
     """Runs a whole task sequence; see ``moecl train --help``."""
 
@@ -139,6 +160,7 @@ class ContinualTrainer:
         self.method: Method = get_method(cfg.train.method)
         self.lock = FolderLock(self.run_dir, "moecl train")
         self.stop = StopRequest()
+        self.faults = fault_hooks(self.info.rank)  # no-ops unless a fault-tolerance test asks for faults
         self._skips_in_a_row = 0
         self._setup_run_dir()
         try:
@@ -342,7 +364,7 @@ class ContinualTrainer:
             self._write_report()
             if self.is_main:
                 log.debug("task %d done: %s", t + 1, json.dumps(self.progress.resources[-1]))
-            maybe_kill("between", t, None, self.info.rank)
+            self.faults.at("between", t)
             if self.progress.task < num_tasks and self._stop_requested():
                 self._interrupt()
             if self.method.per_task_routes:
@@ -358,6 +380,46 @@ class ContinualTrainer:
         return int(self.cfg.per_task("iterations", t, len(self.seq.tasks)))
 
     def _train_task(self, t: int, task) -> None:
+        """Task t's steps, in chunks (the steps between two checkpoints, each with its own data stream)."""
+        cfg = self.cfg
+        ts, rng_later = self._start_task(t, task)
+        while self.progress.step < ts.total:
+            step0 = self.progress.step
+            stream = train_batches(task, batch_size=self.micro, rank=self.info.rank, world_size=self.info.world_size,
+                                   workers=cfg.data.workers, seed=_stable_seed(cfg.train.seed, t, step0 // ts.chunk),
+                                   preprocess=self.train_tf, shuffle_buffer=cfg.data.shuffle_buffer,
+                                   resampled=cfg.data.resampled, max_bad_fraction=cfg.data.max_bad_fraction,
+                                   pin_memory=self.device.type == "cuda")
+            batches = iter(stream)
+            if rng_later is not None:  # resumed inside a chunk: replay its data up to the checkpoint, then its RNG
+                for _ in range((step0 % ts.chunk) * cfg.train.grad_accum):
+                    next(batches)
+                _set_rng(rng_later)
+                rng_later = None
+            end = min((step0 // ts.chunk + 1) * ts.chunk, ts.total)
+            while self.progress.step < end:
+                self._train_step(ts, batches)
+                self.progress.step += 1
+                self._log_step(ts, end)
+                if self._stop_requested():
+                    if ts.bar is not None:
+                        ts.bar.close()
+                    self._save(task_end=False, optimizer=ts.optimizer)
+                    self._interrupt()
+            del batches
+            self.rank_log.train_pass(t, step0, end - step0, getattr(stream, "shards", {}))
+            if cfg.train.checkpoint_every and self.progress.step < ts.total:
+                self._save(task_end=False, optimizer=ts.optimizer)
+        if rng_later is not None:  # interrupted right at the task's last step
+            _set_rng(rng_later)
+        if ts.bar is not None:
+            ts.bar.close()
+        ts.engine.destroy()
+        self.model.eval()
+
+    def _start_task(self, t: int, task) -> tuple[_TaskSteps, Optional[dict[str, torch.Tensor]]]:
+        """Task t's engine over what the method trains, its seed (or the checkpoint's optimizer and RNG), its
+        prompts. Returns the task's step state and, when resumed inside a chunk, the RNG to restore later."""
         cfg = self.cfg
         while self.model.num_tasks <= t:
             self.model.add_task()
@@ -379,102 +441,79 @@ class ContinualTrainer:
             torch.manual_seed(_stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
         tokens = class_tokens(self.tokenizer, task).to(self.device)
         tokens = self.model.trim_prompts(tokens)  # once per task: to the longest prompt's EOT token (exact)
-        route = self.method.train_route(t)
         bar = self._bar(task.name, total)
-        n_params = sum(p.numel() for p in params)
         if self.is_main:
             log.info("task %d/%d %s: %d steps, lr %g, %d classes, %d trainable parameters", t + 1,
-                     len(self.seq.tasks), task.name, total, peak, task.num_classes, n_params)
+                     len(self.seq.tasks), task.name, total, peak, task.num_classes, sum(p.numel() for p in params))
         self.model.train()
-        tic, seen = time.time(), 0
-        stats = StepStats(self.device)  # loss, aux loss, non-finite steps: on the device, read when logging
-        while self.progress.step < total:
-            step0 = self.progress.step
-            stream = train_batches(task, batch_size=self.micro, rank=self.info.rank, world_size=self.info.world_size,
-                                   workers=cfg.data.workers, seed=_stable_seed(cfg.train.seed, t, step0 // chunk),
-                                   preprocess=self.train_tf, shuffle_buffer=cfg.data.shuffle_buffer,
-                                   resampled=cfg.data.resampled, max_bad_fraction=cfg.data.max_bad_fraction,
-                                   pin_memory=self.device.type == "cuda")
-            batches = iter(stream)
-            if rng_later is not None:
-                for _ in range((step0 % chunk) * cfg.train.grad_accum):
-                    next(batches)
-                _set_rng(rng_later)
-                rng_later = None
-            end = min((step0 // chunk + 1) * chunk, total)
-            while self.progress.step < end:
-                step = self.progress.step
-                lr = lr_at(step, total, peak, cfg.train.warmup)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                # nan_policy=skip decides before the optimizer step (a host read per step, and the step is dropped
-                # whole); stop keeps the step free of host syncs: the device flags it, the next read raises
-                skip_mode, bad = cfg.train.nan_policy == "skip", None
-                # a skipped step must not count its routing toward activate-freeze either
-                counts = [s.counts.clone() for s in self.model.moe_sites()] if skip_mode else None
-                stats.new_step()
-                for _ in range(cfg.train.grad_accum):
-                    images, labels = next(batches)
-                    images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
-                    with self.autocast():
-                        logits = engine(images, tokens, route)
-                    loss = task_loss(logits, labels, cfg.train.label_smoothing)
-                    if nan_here(t, step, self.info.rank):
-                        loss = loss * float("nan")
-                    aux = self.model.aux_loss().to(loss.device)
-                    if cfg.moe.aux_loss_weight:
-                        loss = loss + cfg.moe.aux_loss_weight * aux
-                    if not skip_mode:
-                        loss = stats.guard(loss, step)  # non-finite (on any rank): zero gradient, raised at the read
-                    elif not self._finite(loss):
-                        bad = f"loss ({loss.item()})"
-                        loss = loss * float("nan")  # every gradient non-finite too: the step is dropped whole
-                    engine.backward(loss)
-                    if bad is None:
-                        stats.add(loss, aux, 1.0 / cfg.train.grad_accum)
-                    seen += images.shape[0] * self.info.world_size
-                maybe_kill("step", t, step, self.info.rank)
-                logging_step = self.is_main and ((step + 1) % cfg.runtime.log_every == 0 or step + 1 == total)
-                grad_norm = _grad_norm(params) if logging_step else None  # before step() clears the gradients
-                if skip_mode:
-                    self._optimizer_step(engine, optimizer, params, bad, t, task.name, step, counts)
-                else:
-                    engine.step()
-                step_finished(t, step, self.info.rank)
-                self.progress.step += 1
-                log_now = self.progress.step % cfg.runtime.log_every == 0 or self.progress.step == total
-                if log_now or self.progress.step == end:  # (also before any checkpoint)
-                    loss_sum, aux_sum = self._read_stats(stats, t, task)
-                if self.is_main and log_now:
-                    rate = seen / max(time.time() - tic, 1e-9)
-                    gstep = self._global_step(t)
-                    self.writer.add_scalar("train/loss", loss_sum, gstep)
-                    self.writer.add_scalar("train/lr", lr, gstep)
-                    self.writer.add_scalar("train/aux_loss", aux_sum, gstep)
-                    gn = engine.get_global_grad_norm()  # set by DeepSpeed's ZeRO / bf16 optimizers only
-                    gn = grad_norm if gn is None else gn
-                    if gn is not None:
-                        self.writer.add_scalar("train/grad_norm", float(gn), gstep)
-                    self.writer.add_scalar("train/images_per_s", rate, gstep)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", ips=f"{rate:.0f}")
-                if bar is not None:
-                    bar.update(1)
-                if self._stop_requested():
-                    if bar is not None:
-                        bar.close()
-                    self._save(task_end=False, optimizer=optimizer)
-                    self._interrupt()
-            del batches
-            self.rank_log.train_pass(t, step0, end - step0, getattr(stream, "shards", {}))
-            if cfg.train.checkpoint_every and self.progress.step < total:
-                self._save(task_end=False, optimizer=optimizer)
-        if rng_later is not None:  # interrupted right at the task's last step
-            _set_rng(rng_later)
-        if bar is not None:
-            bar.close()
-        engine.destroy()
-        self.model.eval()
+        ts = _TaskSteps(t, task, engine, optimizer, params, tokens, self.method.train_route(t), total, peak, chunk,
+                        StepStats(self.device), bar, time.time())
+        return ts, rng_later
+
+    def _train_step(self, ts: _TaskSteps, batches) -> None:
+        """One optimizer step: the learning rate, ``grad_accum`` micro-batches forward and backward, the
+        non-finite policy, the optimizer step."""
+        cfg, t, step = self.cfg, ts.t, self.progress.step
+        ts.lr = lr_at(step, ts.total, ts.peak, cfg.train.warmup)
+        for g in ts.optimizer.param_groups:
+            g["lr"] = ts.lr
+        # nan_policy=skip decides before the optimizer step (a host read per step, and the step is dropped
+        # whole); stop keeps the step free of host syncs: the device flags it, the next read raises
+        skip_mode, bad = cfg.train.nan_policy == "skip", None
+        # a skipped step must not count its routing toward activate-freeze either
+        counts = [s.counts.clone() for s in self.model.moe_sites()] if skip_mode else None
+        ts.stats.new_step()
+        for _ in range(cfg.train.grad_accum):
+            images, labels = next(batches)
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+            with self.autocast():
+                logits = ts.engine(images, ts.tokens, ts.route)
+            loss = task_loss(logits, labels, cfg.train.label_smoothing)
+            if self.faults.nan_loss(t, step):
+                loss = loss * float("nan")
+            aux = self.model.aux_loss().to(loss.device)
+            if cfg.moe.aux_loss_weight:
+                loss = loss + cfg.moe.aux_loss_weight * aux
+            if not skip_mode:
+                loss = ts.stats.guard(loss, step)  # non-finite (on any rank): zero gradient, raised at the read
+            elif not self._finite(loss):
+                bad = f"loss ({loss.item()})"
+                loss = loss * float("nan")  # every gradient non-finite too: the step is dropped whole
+            ts.engine.backward(loss)
+            if bad is None:
+                ts.stats.add(loss, aux, 1.0 / cfg.train.grad_accum)
+            ts.seen += images.shape[0] * self.info.world_size
+        self.faults.at("step", t, step)
+        logging_step = self.is_main and ((step + 1) % cfg.runtime.log_every == 0 or step + 1 == ts.total)
+        ts.grad_norm = _grad_norm(ts.params) if logging_step else None  # before step() clears the gradients
+        if skip_mode:
+            self._optimizer_step(ts.engine, ts.optimizer, ts.params, bad, t, ts.task.name, step, counts)
+        else:
+            ts.engine.step()
+        self.faults.step_done(t, step)
+
+    def _log_step(self, ts: _TaskSteps, end: int) -> None:
+        """After a step: read the step figures when logging (and at a chunk's end, before any checkpoint, where a
+        non-finite loss under nan_policy=stop raises), TensorBoard, the progress bar."""
+        step = self.progress.step
+        log_now = step % self.cfg.runtime.log_every == 0 or step == ts.total
+        if log_now or step == end:
+            loss_sum, aux_sum = self._read_stats(ts.stats, ts.t, ts.task)
+        if self.is_main and log_now:
+            rate = ts.seen / max(time.time() - ts.tic, 1e-9)
+            gstep = self._global_step(ts.t)
+            self.writer.add_scalar("train/loss", loss_sum, gstep)
+            self.writer.add_scalar("train/lr", ts.lr, gstep)
+            self.writer.add_scalar("train/aux_loss", aux_sum, gstep)
+            gn = ts.engine.get_global_grad_norm()  # set by DeepSpeed's ZeRO / bf16 optimizers only
+            gn = ts.grad_norm if gn is None else gn
+            if gn is not None:
+                self.writer.add_scalar("train/grad_norm", float(gn), gstep)
+            self.writer.add_scalar("train/images_per_s", rate, gstep)
+            if ts.bar is not None:
+                ts.bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{ts.lr:.2e}", ips=f"{rate:.0f}")
+        if ts.bar is not None:
+            ts.bar.update(1)
 
     def _optimizer_step(self, engine, optimizer, params: list[torch.nn.Parameter], bad: Optional[str], t: int,
                         name: str, step: int, counts: Optional[list[torch.Tensor]] = None) -> None:
@@ -594,7 +633,7 @@ class ContinualTrainer:
         if self.cfg.ddas.kind == "reference":
             return self._fit_reference_ddas(t, task)
         feats = self._image_features(task, "train", self.cfg.ddas.max_images)
-        maybe_kill("ddas", t, None, self.info.rank)
+        self.faults.at("ddas", t)
         ae, stats = fit_autoencoder(feats, self.cfg.ddas, seed=_stable_seed(self.cfg.train.seed, "ddas", t))
         threshold = stats.threshold
         self.selector.add_task(ae, threshold)
@@ -613,7 +652,7 @@ class ContinualTrainer:
             if self.is_main:
                 log.info("DDAS (reference): reference-domain slot fitted, final loss %.5f", info["final_loss"])
         info = fit_reference_slot(self, t, task)
-        maybe_kill("ddas", t, None, self.info.rank)
+        self.faults.at("ddas", t)
         self.progress.ddas.append(info)
         if self.is_main:
             log.info("task %d: DDAS (reference) autoencoder, final loss %.5f, threshold %.5f", t,
@@ -728,13 +767,13 @@ class ContinualTrainer:
                 ckpt.wait_for_parts(tmp, state)
                 ckpt.finalize(tmp, root / name, {"task": t, "step": step, "task_end": task_end,
                                                  "world_size": self.info.world_size})
-                checkpoint_saved(t, step)
+                self.faults.checkpoint_done(t, step)
                 ckpt.prune_steps(self.run_dir, self.cfg.train.keep_checkpoints if not task_end else 0)
                 log.info("checkpoint %s", root / name)
 
         self._checkpoint_phase(prepare, root / name, tmp, optimizer)
         self._checkpoint_phase(write_parts, root / name, tmp, optimizer)
-        maybe_kill("checkpoint", t - 1 if task_end else t, None if task_end else step, self.info.rank)
+        self.faults.at("checkpoint", t - 1 if task_end else t, None if task_end else step)
         self._checkpoint_phase(commit, root / name, tmp, optimizer)
 
     def _checkpoint_phase(self, work, final: Path, tmp: Path, optimizer) -> None:
