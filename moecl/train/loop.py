@@ -142,16 +142,32 @@ class ContinualTrainer:
         try:
             self._setup(cfg)
         except BaseException:
+            self._close_run_log()
             if created and self.is_main:  # a run that never started leaves no half-made run folder behind
                 self._drop_run_dir()
             raise
 
     def _drop_run_dir(self) -> None:
-        for h in list(log.handlers):
-            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == self.run_dir.resolve():
-                log.removeHandler(h)
-                h.close()
+        self._close_run_log()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _open_run_log(self) -> None:
+        """RUN/train.log gets the 'moecl' logger's lines, DEBUG included, while this trainer runs; what is
+        changed here is undone by :meth:`_close_run_log` (a library leaves the process's logging as it was)."""
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._log_handler, self._log_level = handler, log.level
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)  # DEBUG lines (resources, DeepSpeed set-up) go to train.log only
+
+    def _close_run_log(self) -> None:
+        handler = getattr(self, "_log_handler", None)
+        if handler is None:
+            return
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(self._log_level)
+        self._log_handler = None
 
     def _setup(self, cfg: Config) -> None:
         if cfg.runtime.threads:
@@ -167,6 +183,7 @@ class ContinualTrainer:
             self._init_rest()
         except BaseException:
             self.lock.release()
+            self._close_run_log()
             raise
 
     def _init_rest(self) -> None:
@@ -237,10 +254,7 @@ class ContinualTrainer:
             raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume auto to continue it "
                                   "or choose another --out")
         cfg_path.write_text(self.cfg.to_yaml())
-        handler = logging.FileHandler(self.run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.DEBUG)  # DEBUG lines (resources, DeepSpeed set-up) go to train.log only
+        self._open_run_log()
         for note in notes:
             log.warning(note)
 
@@ -322,6 +336,7 @@ class ContinualTrainer:
                 return self._run()
         finally:
             self.lock.release()
+            self._close_run_log()
 
     def _stop_requested(self) -> bool:
         """True on every rank when any rank got SIGTERM / SIGINT (polled at step boundaries)."""
