@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
 import shutil
 import signal
 import time
@@ -13,7 +11,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,6 +28,7 @@ from ..evaluation.row import ORACLE, EvalMode, eval_modes, evaluate_row
 from ..model import build_model, image_size_of, tokenizer_for
 from ..model.clip import MoECLIP
 from ..runtime import DistInfo, init_distributed
+from ..seeding import seed_all, stable_seed
 from ..runstate import files as ckpt
 from ..runstate import layout
 from ..runstate.identity import backbone_identity, check_checkpoint
@@ -49,21 +47,10 @@ class TrainingError(MoeclError):
     """Training cannot go on (non-finite loss, ...)."""
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _set_rng(rng: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-
-
-def _stable_seed(*parts: Any) -> int:
-    import hashlib
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:12], 16)
 
 
 # Config keys that may differ on --resume without --allow-config-change: where and how it runs, not what it
@@ -199,7 +186,7 @@ class ContinualTrainer:
         self.autocast = autocast_for(cfg, self.device, self.ds)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        _seed_all(cfg.train.seed)
+        seed_all(cfg.train.seed)
         self._prepare_backbone_weights()
         self.model: MoECLIP = build_model(cfg.model, cfg.moe, self.method.name).to(self.device)
         if self.method.per_task_routes and cfg.moe.ep_size > 1:
@@ -401,7 +388,7 @@ class ContinualTrainer:
         while self.progress.step < ts.total:
             step0 = self.progress.step
             stream = train_batches(task, batch_size=self.micro, rank=self.info.rank, world_size=self.info.world_size,
-                                   workers=cfg.data.workers, seed=_stable_seed(cfg.train.seed, t, step0 // ts.chunk),
+                                   workers=cfg.data.workers, seed=stable_seed(cfg.train.seed, t, step0 // ts.chunk),
                                    preprocess=self.train_tf, shuffle_buffer=cfg.data.shuffle_buffer,
                                    resampled=cfg.data.resampled, max_bad_fraction=cfg.data.max_bad_fraction,
                                    pin_memory=self.device.type == "cuda")
@@ -453,7 +440,7 @@ class ContinualTrainer:
             else:  # a checkpoint taken inside a chunk (interrupted): replay the chunk's data up to it first
                 rng_later = rng
         else:  # each task starts from its own seed, so a resume from a task end replays it exactly
-            torch.manual_seed(_stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
+            torch.manual_seed(stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
         tokens = class_tokens(self.tokenizer, task).to(self.device)
         tokens = self.model.trim_prompts(tokens)  # once per task: to the longest prompt's EOT token (exact)
         bar = self._bar(task.name, total)
@@ -649,7 +636,7 @@ class ContinualTrainer:
             return self._fit_reference_ddas(t, task)
         feats = self._image_features(task, "train", self.cfg.ddas.max_images)
         self.faults.at("ddas", t)
-        ae, stats = fit_autoencoder(feats, self.cfg.ddas, seed=_stable_seed(self.cfg.train.seed, "ddas", t))
+        ae, stats = fit_autoencoder(feats, self.cfg.ddas, seed=stable_seed(self.cfg.train.seed, "ddas", t))
         threshold = stats.threshold
         self.selector.add_task(ae, threshold)
         info = stats.as_dict() if hasattr(stats, "as_dict") else {"threshold": threshold}
@@ -909,7 +896,7 @@ class ContinualTrainer:
         if self.info.rank < saved_world:
             return layout.read_rng(path, self.info.rank)
         gen = torch.Generator()  # a rank the old shape did not have: a seed of its own
-        gen.manual_seed(_stable_seed(self.cfg.train.seed, "task", self.progress.task, self.info.rank,
+        gen.manual_seed(stable_seed(self.cfg.train.seed, "task", self.progress.task, self.info.rank,
                                      self.progress.step) % 2**63)
         return {"torch": gen.get_state()}
 
