@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from ..config import Config, check_batch_fits
+from ..config import Config, check_batch_fits, check_per_task
 from ..data import (Sequence, data_options, eval_batches, fill_template, load_sequence, make_transforms,
                     train_batches)
 from ..ddas import DDASSelector, fit_autoencoder
@@ -181,6 +181,7 @@ class ContinualTrainer:
         if not self.seq.tasks:
             raise MoeclError(f"sequence {self.seq.name!r} names no tasks")
         check_batch_fits(cfg, self.seq.tasks)
+        check_per_task(cfg, self.seq.task_names)
         self.ds = ds_config(cfg, self.info.world_size, self.device)
         self.micro = micro_batch(cfg, self.info.world_size)
         self.autocast = autocast_for(cfg, self.device, self.ds)
@@ -379,7 +380,7 @@ class ContinualTrainer:
         if self.cfg.train.epochs:
             count = self.seq.tasks[t].count("train")
             return max(1, math.ceil(self.cfg.train.epochs * count / self.cfg.data.batch_size))
-        return int(self.cfg.per_task("iterations", t, len(self.seq.tasks)))
+        return int(self.cfg.per_task("iterations", t, self.seq.task_names))
 
     def _train_task(self, t: int, task) -> None:
         """Task t's steps, in chunks (the steps between two checkpoints, each with its own data stream)."""
@@ -427,7 +428,7 @@ class ContinualTrainer:
             self.model.add_task()
         params = self.model.trainable_parameters(self.method.trainable_task(t))
         total = self.iterations(t)
-        peak = float(cfg.per_task("lr", t, len(self.seq.tasks)))
+        peak = float(cfg.per_task("lr", t, self.seq.task_names))
         engine, optimizer = build_engine(self.model, params, cfg, self.ds, lr_at(0, total, peak, cfg.train.warmup))
         if hasattr(optimizer, "check_grad_overflow"):  # ZeRO: let it check its partitioned gradients (skips)
             optimizer.check_grad_overflow = True
@@ -554,7 +555,7 @@ class ContinualTrainer:
                 f"{self._skips_in_a_row} steps in a row skipped for non-finite loss or gradients, the last at task "
                 f"{t} ({name}) step {step}; stopping (train.max_consecutive_skips={limit}). The last good checkpoint "
                 f"in {self.run_dir / 'checkpoints'} is kept; lower train.lr "
-                f"({cfg.per_task('lr', t, len(self.seq.tasks))}) or check the data")
+                f"({cfg.per_task('lr', t, self.seq.task_names)}) or check the data")
 
     @staticmethod
     def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
