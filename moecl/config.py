@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import MoeclError
 from .methods import NAMES as METHOD_NAMES, get_method
+from .shipped import find, folder, shipped
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = folder("config")
 
 
 class ConfigError(MoeclError, ValueError):
@@ -436,7 +437,7 @@ def read_config_file(path: Path) -> Any:
 
 
 def shipped_configs() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+    return shipped("config")
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -445,11 +446,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         return path
-    shipped = shipped_configs()
-    if str(name_or_path) in shipped:
-        return shipped[str(name_or_path)]
-    close = difflib.get_close_matches(str(name_or_path), list(shipped), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    found, hint = find("config", str(name_or_path))
+    if found is not None:
+        return found
     raise ConfigError(f"no shipped config named '{name_or_path}'{hint} (run `moecl configs` to list them, "
                       "or pass a path to a YAML file)")
 
