@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import MoeclError
 from .methods import NAMES as METHOD_NAMES, get_method
+from .shipped import find, folder, shipped
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = folder("config")
 
 
 class ConfigError(MoeclError, ValueError):
@@ -121,8 +122,9 @@ class TrainConfig(_Section):
     iterations: Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=1)]] = Field(
         1000, description="steps per task (one value or one per task)")
     epochs: Optional[float] = Field(None, gt=0, description="if set, steps = epochs x train images / batch")
-    lr: Union[PositiveFloat, Annotated[list[PositiveFloat], Field(min_length=1)]] = Field(
-        1e-3, description="peak learning rate (one value or one per task)")
+    lr: Union[PositiveFloat, Annotated[list[PositiveFloat], Field(min_length=1)],
+              Annotated[dict[str, PositiveFloat], Field(min_length=1)]] = Field(
+        1e-3, description="peak learning rate (one value, one per task, or a mapping task name -> value)")
     warmup: int = Field(100, ge=0, description="linear warmup steps, then cosine, within each task")
     betas: tuple[UnitFraction, UnitFraction] = Field((0.9, 0.999), description="AdamW betas")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
@@ -212,15 +214,38 @@ class Config(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def per_task(self, field: str, task: int, num_tasks: int) -> Any:
-        """``train.lr`` / ``train.iterations`` for task ``task`` (a list gives one value per task)."""
+    def per_task(self, field: str, task: int, names: Union[int, list[str]]) -> Any:
+        """``train.lr`` / ``train.iterations`` for task ``task`` of a sequence whose training tasks are
+        ``names`` (or their number): a list gives one value per position, a mapping one per task name."""
         value = getattr(self.train, field)
+        num_tasks = names if isinstance(names, int) else len(names)
+        if isinstance(value, dict):
+            if isinstance(names, int):
+                raise ConfigError(f"train.{field} is a mapping by task name; the task names are needed")
+            if names[task] not in value:
+                raise ConfigError(f"train.{field} has no value for task {names[task]!r} (it names "
+                                  f"{', '.join(map(repr, value))}); add one, or give a single value")
+            return value[names[task]]
         if isinstance(value, list):
             if len(value) < num_tasks:
                 raise ConfigError(f"train.{field} lists {len(value)} values but the sequence has {num_tasks} "
                                   f"tasks; give one value per task or a single value")
             return value[task]
         return value
+
+
+def check_per_task(cfg: Config, names: list[str]) -> None:
+    """A per-task mapping (``train.lr``) names exactly the sequence's training tasks: a missing task or a name
+    that is not one (a typo, another sequence's task) is refused before anything trains."""
+    for key in ("lr",):
+        value = getattr(cfg.train, key)
+        if isinstance(value, dict):
+            unknown = [k for k in value if k not in names]
+            if unknown:
+                raise ConfigError(f"train.{key} names {', '.join(map(repr, unknown))}, not a training task of the "
+                                  f"sequence ({', '.join(names)})")
+            for t in range(len(names)):
+                cfg.per_task(key, t, names)
 
 
 def check_batch_fits(cfg: Config, tasks: Any) -> None:
@@ -415,7 +440,7 @@ def read_config_file(path: Path) -> Any:
 
 
 def shipped_configs() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+    return shipped("config")
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -424,11 +449,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         return path
-    shipped = shipped_configs()
-    if str(name_or_path) in shipped:
-        return shipped[str(name_or_path)]
-    close = difflib.get_close_matches(str(name_or_path), list(shipped), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    found, hint = find("config", str(name_or_path))
+    if found is not None:
+        return found
     raise ConfigError(f"no shipped config named '{name_or_path}'{hint} (run `moecl configs` to list them, "
                       "or pass a path to a YAML file)")
 

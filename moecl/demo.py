@@ -237,15 +237,6 @@ def _prepare_run_dir(run_dir: Path, cfg) -> Optional[str]:
     return None
 
 
-def _detach_run_logs(run_dir: Path) -> None:
-    """The trainer adds a file handler for its run folder to the 'moecl' logger; drop it when done."""
-    logger = logging.getLogger("moecl")
-    for h in list(logger.handlers):
-        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == run_dir.resolve():
-            logger.removeHandler(h)
-            h.close()
-
-
 def _cpu_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) - workers)
 
@@ -353,10 +344,7 @@ def _run_method(k: int, folder: str, overrides: list[str], base: list[str], out:
     tic = time.time()
     _say(f"[3/4] ({k + 1}/{len(METHOD_RUNS)}) {folder}: {len(seq.tasks)} tasks "
          f"({', '.join(t.name for t in seq.tasks)}) -> {run_dir}")
-    try:
-        reports[folder] = ContinualTrainer(cfg, run_dir, resume).run()
-    finally:
-        _detach_run_logs(run_dir)
+    reports[folder] = ContinualTrainer(cfg, run_dir, resume).run()  # (its train.log handler ends with it)
     timings[f"{folder}_s"] = round(time.time() - tic, 1)
     _say(f"  done in {timings[f'{folder}_s']:.0f} s")
 

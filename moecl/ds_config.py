@@ -10,8 +10,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from .config import Config, ConfigError
+from .shipped import find, folder, shipped
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
+DS_CONFIG_DIR = folder("ds_config")
 
 
 def resolve_ds_config(name: str, device: torch.device) -> Path:
@@ -22,11 +23,11 @@ def resolve_ds_config(name: str, device: torch.device) -> Path:
         if not path.is_file():
             raise ConfigError(f"train.ds_config={name!r}: no such file")
         return path
-    shipped = DS_CONFIG_DIR / f"{name}.json"
-    if not shipped.is_file():
-        names = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
-        raise ConfigError(f"train.ds_config={name!r} is neither a JSON file nor a shipped config ({names})")
-    return shipped
+    found, hint = find("ds_config", name)
+    if found is None:
+        names = ", ".join(shipped("ds_config"))
+        raise ConfigError(f"train.ds_config={name!r} is neither a JSON file nor a shipped config ({names}){hint}")
+    return found
 
 
 def ds_config(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any]:

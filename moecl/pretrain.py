@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -98,21 +97,6 @@ def cached_result(params: PretrainParams, world: Path, cache_dir: Path) -> Optio
     return None
 
 
-def _seed_all(seed: int) -> None:
-    import numpy as np
-    import torch
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if warmup and step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
-    return 0.5 * peak * (1.0 + math.cos(math.pi * progress))
-
-
 def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     """open_clip's own rule: no weight decay on gains, biases, embeddings and the temperature."""
     decay, no_decay = [], []
@@ -149,12 +133,14 @@ def pretrain_clip(world: str | Path, cache_dir: str | Path, params: Optional[Pre
 
     from . import backbones
     from .data import make_transforms, pretrain_batches
+    from .seeding import seed_all
+    from .train.engine import lr_at
 
     backbones.register_backbones()
     dev = runtime.pick_device(device or "auto")
     if threads:
         torch.set_num_threads(threads)
-    _seed_all(params.seed)
+    seed_all(params.seed)
     from .model.backbone import quiet_random_init_notice
     with quiet_random_init_notice(True):  # random on purpose: this is what pretraining starts from
         model = open_clip.create_model(params.model, pretrained=None)
@@ -182,7 +168,7 @@ def pretrain_clip(world: str | Path, cache_dir: str | Path, params: Optional[Pre
     batches = iter(stream)
     ema = None
     for step in range(params.steps):
-        lr = _lr_at(step, params.steps, params.lr, params.warmup)
+        lr = lr_at(step, params.steps, params.lr, params.warmup)
         for g in optimizer.param_groups:
             g["lr"] = lr
         images, captions = next(batches)

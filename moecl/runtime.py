@@ -7,11 +7,12 @@ three are read from the standard ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` vari
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -70,6 +71,11 @@ def _forget_deepspeed_groups() -> None:
             setattr(groups, name, None)
 
 
+# Variables init_distributed set for a world of one, with their values before (None: unset). DeepSpeed's engine
+# reads LOCAL_RANK from the environment, so they stay while that world lives; close_distributed restores them.
+_SET_BY_US: dict[str, Optional[str]] = {}
+
+
 def init_distributed(requested_device: str = "auto", timeout_s: Optional[float] = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent: the first call's settings hold).
 
@@ -91,9 +97,10 @@ def init_distributed(requested_device: str = "auto", timeout_s: Optional[float] 
             import importlib
             ds_torch = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch is torch itself
             ds_torch.build_shm_op = lambda: None                          #  as an attribute of deepspeed.comm)
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+        if "RANK" not in os.environ:  # a plain process: a world of one, its variables undone by close_distributed
+            own = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            _SET_BY_US.update({k: os.environ.get(k) for k in own if k not in _SET_BY_US})
+            os.environ.update(own)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=10)
@@ -105,3 +112,34 @@ def init_distributed(requested_device: str = "auto", timeout_s: Optional[float] 
         _forget_deepspeed_groups()
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def close_distributed() -> None:
+    """End the world of one that :func:`init_distributed` made for a plain process: destroy its process group
+    and put back the environment as it was (no RANK / MASTER_* left behind for the next world or a child
+    process). A launcher's world (torchrun, deepspeed) is not ours and is left alone."""
+    if not _SET_BY_US:
+        return
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for key, old in _SET_BY_US.items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+    _SET_BY_US.clear()
+
+
+@contextlib.contextmanager
+def distributed(requested_device: str = "auto", timeout_s: Optional[float] = None) -> Iterator[DistInfo]:
+    """:func:`init_distributed` for the duration of a ``with`` block; a world of one made by it ends with the
+    block (a world that existed before is kept)."""
+    import torch.distributed as dist
+    existed = dist.is_available() and dist.is_initialized()
+    info = init_distributed(requested_device, timeout_s)
+    try:
+        yield info
+    finally:
+        if not existed:
+            close_distributed()

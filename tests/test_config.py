@@ -15,7 +15,10 @@ def test_every_shipped_config_loads():
 def test_published_hyperparameters_in_mtil_order1():
     cfg = load_config("mtil_order1")
     assert cfg.moe.num_experts == 22 and cfg.moe.top_k == 2 and cfg.moe.width == 64
-    assert cfg.train.lr == [5e-3, 1e-3, 5e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-3]
+    order_i = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet",
+               "StanfordCars", "SUN397"]
+    assert [cfg.per_task("lr", t, order_i) for t in range(11)] == \
+        [5e-3, 1e-3, 5e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-3]
     assert cfg.train.iterations == 1000 and cfg.train.warmup == 100 and cfg.train.label_smoothing == 0.2
     assert cfg.data.batch_size == 64 and cfg.moe.aux_loss_weight == 0.0 and not cfg.moe.drop_tokens
 
@@ -75,6 +78,17 @@ def test_per_task_list_too_short():
     cfg = load_config("tiny", ["train.lr=[1e-3]"])
     with pytest.raises(ConfigError, match="train.lr lists 1 values but the sequence has 3 tasks"):
         cfg.per_task("lr", 2, 3)
+
+
+def test_per_task_mapping_by_task_name():
+    from moecl.config import check_per_task
+    cfg = load_config("tiny", ["train.lr={digits: 2e-3, shapes: 1e-3}"])
+    assert [cfg.per_task("lr", t, ["shapes", "digits"]) for t in (0, 1)] == [1e-3, 2e-3]
+    check_per_task(cfg, ["shapes", "digits"])
+    with pytest.raises(ConfigError, match="train.lr has no value for task 'colors'"):
+        check_per_task(cfg, ["shapes", "digits", "colors"])
+    with pytest.raises(ConfigError, match="train.lr names 'digits', not a training task of the sequence"):
+        check_per_task(cfg, ["shapes"])
 
 
 def test_yaml_round_trip():

@@ -22,7 +22,7 @@ from moecl.data import eval_batches, load_sequence, make_transforms
 from moecl.ddas import ZERO_SHOT, DDASSelector, fit_autoencoder
 from moecl.evaluation.loading import build_run_model
 from moecl.model import image_size_of
-from moecl.train.loop import _stable_seed
+from moecl.seeding import stable_seed
 
 DOMAINS = "shapes,textures,digits,arrows"  # the default order's first four; the last is held out
 pytestmark = pytest.mark.slow  # a 4-domain world of 100 train / 25 test images per class, features of all
@@ -62,7 +62,7 @@ def _measure(root, overrides):
         selector, stats = DDASSelector(), []
         for t, task in enumerate(seq.tasks):
             ae, st = fit_autoencoder(feats[task.name, "train"][: dcfg.max_images], dcfg,
-                                     seed=_stable_seed(cfg.train.seed, "ddas", t))
+                                     seed=stable_seed(cfg.train.seed, "ddas", t))
             selector.add_task(ae, st.threshold)
             stats.append(st)
         out[label] = (selector, stats)

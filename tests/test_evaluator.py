@@ -32,3 +32,14 @@ def test_two_ranks_with_padded_batches_reduce_to_the_same_counts(data, tmp_path)
     out = tmp_path / "ranks.json"
     torchrun("tests/dist/evaluator_ranks.py", str(data), str(out), nproc=2)
     assert json.loads(out.read_text()) == EXPECTED
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_reduce_with_routes_beyond_64_tasks_on_one_rank_only(tmp_path):
+    """Route ids are not bounded by 64 (a sequence of more tasks): ranks that saw different route sets must
+    still all-reduce vectors of one length (this used to fail or hang on mismatched sizes)."""
+    out = tmp_path / "reduced.json"
+    torchrun("tests/dist/reduce_routes.py", str(out), nproc=2, timeout=240)
+    assert json.loads(out.read_text()) == {"correct": 7, "total": 15, "zero_shot_correct": 5,
+                                           "routes": {"-1": 3, "3": 4, "5": 5, "70": 3}}

@@ -14,6 +14,17 @@ from moecl.config import ConfigError, DDASConfig, ModelConfig, MoEConfig, load_c
 
 FULL_LR = [5e-3, 1e-3, 5e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-3]
 FEW_LR = [8e-3, 5e-4, 2e-4, 5e-3, 1e-3, 1e-3, 1e-2, 1e-4, 1e-2, 1e-2, 1e-2]
+ORDER_I = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet",
+           "StanfordCars", "SUN397"]
+ORDER_II = ["StanfordCars", "Food", "MNIST", "OxfordPet", "Flowers", "SUN397", "Aircraft", "Caltech101", "DTD",
+            "EuroSAT", "CIFAR100"]
+ORDER_II_LR = [1e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-3, 5e-3, 1e-3, 1e-3, 1e-4, 5e-3]  # the published order-II list
+
+
+def per_task_lr(cfg, names):
+    return [cfg.per_task("lr", t, names) for t in range(len(names))]
+
+
 CIL_BATCH = {"cifar100_10": 128, "cifar100_20": 128, "cifar100_50": 64, "tinyimagenet_5": 64,
              "tinyimagenet_10": 64, "tinyimagenet_20": 64}
 
@@ -23,7 +34,7 @@ CIL_BATCH = {"cifar100_10": 128, "cifar100_20": 128, "cifar100_50": 64, "tinyima
 def test_fewshot_configs_carry_the_published_values():
     for name in ("mtil_fewshot", "mtil_fewshot_reference"):
         cfg = load_config(name)
-        assert cfg.train.lr == FEW_LR, name
+        assert per_task_lr(cfg, ORDER_I) == FEW_LR, name
         assert cfg.train.iterations == 500 and cfg.train.label_smoothing == 0.2, name
         assert cfg.ddas.fixed_threshold == 0.0585, name
     ref = load_config("mtil_fewshot_reference")
@@ -46,7 +57,20 @@ def test_full_shot_reference_configs(name):
     assert cfg.train.ds_config == "fp32" and cfg.runtime.precision == "fp32"
     assert not cfg.eval.gate_noise and cfg.eval.transform == "eval"
     if name == "mtil_order1_reference":
-        assert cfg.train.lr == FULL_LR
+        assert per_task_lr(cfg, ORDER_I) == FULL_LR
+    else:
+        assert per_task_lr(cfg, ORDER_II) == ORDER_II_LR
+
+
+def test_both_mtil_orders_use_one_learning_rate_per_dataset():
+    """Learning rates are keyed by dataset name: order II is order I's mapping, not a hand-permuted list."""
+    from moecl.data.sequence import read_sequence_file, resolve_sequence
+    for config, seq in (("mtil_order1", "mtil_order1"), ("mtil_order2", "mtil_order2"),
+                        ("mtil_order1_reference", "mtil_order1"), ("mtil_order2_reference", "mtil_order2")):
+        cfg = load_config(config)
+        names = [str(t) for t in read_sequence_file(resolve_sequence("data/mtil", seq))["tasks"]]
+        assert cfg.train.lr == dict(zip(ORDER_I, FULL_LR)), config
+        assert per_task_lr(cfg, names) == (FULL_LR if seq == "mtil_order1" else ORDER_II_LR), config
 
 
 @pytest.mark.parametrize("steps", sorted(CIL_BATCH))

@@ -5,13 +5,13 @@ work with no download: the JSON configs here are ordinary open_clip model config
 """
 from __future__ import annotations
 
-from pathlib import Path
+from ..shipped import folder, shipped
 
-CONFIG_DIR = Path(__file__).parent
+CONFIG_DIR = folder("backbone")
 
 
 def tiny_model_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    return list(shipped("backbone"))
 
 
 def register_backbones() -> None:

@@ -15,11 +15,12 @@ from typing import Any, Optional
 import yaml
 
 from ..errors import DataError
+from ..shipped import find, folder, shipped
 from .shards import ShardLimits
 from .task import TaskInfo, read_task
 from .untrusted import check_plain_name, regular_file_problem
 
-SEQUENCE_DIR = Path(__file__).resolve().parents[1] / "sequences"
+SEQUENCE_DIR = folder("sequence")
 KINDS = ("mtil", "cil")
 MAX_SEQUENCE_FILE_BYTES = 1 << 20
 
@@ -71,7 +72,7 @@ class Sequence:
 
 def shipped_sequences() -> dict[str, Path]:
     """Sequence files shipped inside the package, by name."""
-    return {p.stem: p for p in sorted(SEQUENCE_DIR.glob("*.yaml"))}
+    return shipped("sequence")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -103,12 +104,10 @@ def resolve_sequence(root: str | Path, sequence: str | Path) -> Path:
     own = Path(root) / "sequence.yaml"
     if own.is_file() and _read_yaml(own).get("name") == str(sequence):
         return own
-    shipped = shipped_sequences()
-    if str(sequence) in shipped:
-        return shipped[str(sequence)]
-    close = difflib.get_close_matches(str(sequence), list(shipped), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise DataError(f"no sequence named '{sequence}'{hint} (shipped: {', '.join(shipped)}; "
+    found, hint = find("sequence", str(sequence))
+    if found is not None:
+        return found
+    raise DataError(f"no sequence named '{sequence}'{hint} (shipped: {', '.join(shipped_sequences())}; "
                     "or give a path to a sequence YAML file)")
 
 

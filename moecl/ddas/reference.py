@@ -27,8 +27,8 @@ from torch import nn
 
 from ..config import ConfigError, DDASConfig
 from ..errors import CheckpointError
+from ..routes import ZERO_SHOT
 
-ZERO_SHOT = -1
 REFERENCE_SLOT = -1  # slot task id of the reference-domain autoencoder: selecting it means plain CLIP
 STATE_KIND = "reference"
 STATE_VERSION = 1

@@ -10,9 +10,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..routes import ZERO_SHOT
 from .autoencoder import TaskAutoencoder
 
-ZERO_SHOT = -1
 STATE_VERSION = 1
 
 

@@ -358,7 +358,10 @@ class Evaluator:
         if self.world_size == 1:
             return result
         import torch.distributed as dist
-        keys = sorted(set(range(-1, 64)) | set(result.routes))
+        # one vector length on every rank: route ids up to the largest any rank saw (ranks see different routes)
+        top = torch.tensor([max(result.routes, default=ZERO_SHOT)], dtype=torch.long)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        keys = list(range(ZERO_SHOT, int(top) + 1))
         zs = result.zero_shot_correct
         t = torch.tensor([result.correct, result.total, zs or 0] + [result.routes.get(k, 0) for k in keys],
                          dtype=torch.long)

@@ -33,12 +33,13 @@ def console(is_main: bool):
 
 
 def run_train(args) -> int:
-    from ..runtime import init_distributed
+    from ..runtime import distributed
     from .loop import train
-    is_main = init_distributed(args.cfg.runtime.device).is_main
-    with console(is_main):
-        report = train(args.cfg, args.out, args.resume,
-                       allow_config_change=getattr(args, "allow_config_change", False))
+    with distributed(args.cfg.runtime.device) as info:
+        is_main = info.is_main
+        with console(is_main):
+            report = train(args.cfg, args.out, args.resume,
+                           allow_config_change=getattr(args, "allow_config_change", False))
     if is_main:
         from ..evaluation.report import summary_text
         print(summary_text(report))

@@ -83,6 +83,51 @@ def checkpoint_saved(task: int, step: int) -> None:
             f.write(f"checkpoint {os.getpid()} {task} {step}\n")
 
 
+class FaultHooks:
+    """The trainer's fault-injection points (rank-bound). :func:`fault_hooks` gives the no-op
+    :class:`NoFaults` unless MOECL_FAULT or MOECL_STEP_LOG is set when the trainer starts."""
+
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+
+    def at(self, point: str, task: Optional[int] = None, step: Optional[int] = None) -> None:
+        """A kill / stop / term / int fault planned at ``point`` fires here."""
+        maybe_kill(point, task, step, self.rank)
+
+    def nan_loss(self, task: int, step: int) -> bool:
+        """True when this step's loss is to become NaN."""
+        return nan_here(task, step, self.rank)
+
+    def step_done(self, task: int, step: int) -> None:
+        step_finished(task, step, self.rank)
+
+    def checkpoint_done(self, task: int, step: int) -> None:
+        checkpoint_saved(task, step)
+
+
+class NoFaults(FaultHooks):
+    """Nothing injected, nothing recorded (a normal run)."""
+
+    def at(self, point: str, task: Optional[int] = None, step: Optional[int] = None) -> None:
+        pass
+
+    def nan_loss(self, task: int, step: int) -> bool:
+        return False
+
+    def step_done(self, task: int, step: int) -> None:
+        pass
+
+    def checkpoint_done(self, task: int, step: int) -> None:
+        pass
+
+
+def fault_hooks(rank: int = 0) -> FaultHooks:
+    """The hooks for this process: live when the environment asks for faults or a step log, else no-ops."""
+    if os.environ.get("MOECL_FAULT") or os.environ.get("MOECL_STEP_LOG"):
+        return FaultHooks(rank)
+    return NoFaults(rank)
+
+
 def resources() -> dict[str, int]:
     """Resident memory and open file descriptors of this process (for the soak test and train.log)."""
     import resource

@@ -4,22 +4,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
 import shutil
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from ..config import Config, check_batch_fits
+from ..config import Config, check_batch_fits, check_per_task
 from ..data import (Sequence, data_options, eval_batches, fill_template, load_sequence, make_transforms,
                     train_batches)
 from ..ddas import DDASSelector, fit_autoencoder
@@ -31,12 +28,13 @@ from ..evaluation.row import ORACLE, EvalMode, eval_modes, evaluate_row
 from ..model import build_model, image_size_of, tokenizer_for
 from ..model.clip import MoECLIP
 from ..runtime import DistInfo, init_distributed
+from ..seeding import seed_all, stable_seed
 from ..runstate import files as ckpt
 from ..runstate import layout
 from ..runstate.identity import backbone_identity, check_checkpoint
 from ..runstate.layout import Progress
 from . import cluster, reshard
-from .faults import checkpoint_saved, maybe_kill, nan_here, resources, step_finished
+from .faults import fault_hooks, resources
 from .interrupt import Interrupted, StopRequest, interrupted_line
 from .step_stats import StepStats
 from ..ds_config import autocast_for, ds_config, micro_batch
@@ -49,21 +47,10 @@ class TrainingError(MoeclError):
     """Training cannot go on (non-finite loss, ...)."""
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _set_rng(rng: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-
-
-def _stable_seed(*parts: Any) -> int:
-    import hashlib
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:12], 16)
 
 
 # Config keys that may differ on --resume without --allow-config-change: where and how it runs, not what it
@@ -108,6 +95,27 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
+@dataclass
+class _TaskSteps:
+    """What the steps of one task share (made by ``ContinualTrainer._start_task``)."""
+    t: int
+    task: Any
+    engine: Any
+    optimizer: Any
+    params: list[torch.nn.Parameter]
+    tokens: torch.Tensor  # the task's class prompts, trimmed
+    route: int  # the route the task trains (moecl.methods)
+    total: int  # steps of the task
+    peak: float  # peak learning rate
+    chunk: int  # steps between checkpoints (the task's length without mid-task checkpoints)
+    stats: StepStats
+    bar: Any
+    tic: float
+    seen: int = 0  # images, all ranks
+    lr: float = 0.0  # of the last step
+    grad_norm: Optional[float] = None  # of the last logging step (this rank's)
+
+
 class ContinualTrainer:
     """Runs a whole task sequence; see ``moecl train --help``."""
 
@@ -121,16 +129,32 @@ class ContinualTrainer:
         try:
             self._setup(cfg)
         except BaseException:
+            self._close_run_log()
             if created and self.is_main:  # a run that never started leaves no half-made run folder behind
                 self._drop_run_dir()
             raise
 
     def _drop_run_dir(self) -> None:
-        for h in list(log.handlers):
-            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == self.run_dir.resolve():
-                log.removeHandler(h)
-                h.close()
+        self._close_run_log()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _open_run_log(self) -> None:
+        """RUN/train.log gets the 'moecl' logger's lines, DEBUG included, while this trainer runs; what is
+        changed here is undone by :meth:`_close_run_log` (a library leaves the process's logging as it was)."""
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._log_handler, self._log_level = handler, log.level
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)  # DEBUG lines (resources, DeepSpeed set-up) go to train.log only
+
+    def _close_run_log(self) -> None:
+        handler = getattr(self, "_log_handler", None)
+        if handler is None:
+            return
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(self._log_level)
+        self._log_handler = None
 
     def _setup(self, cfg: Config) -> None:
         if cfg.runtime.threads:
@@ -139,12 +163,14 @@ class ContinualTrainer:
         self.method: Method = get_method(cfg.train.method)
         self.lock = FolderLock(self.run_dir, "moecl train")
         self.stop = StopRequest()
+        self.faults = fault_hooks(self.info.rank)  # no-ops unless a fault-tolerance test asks for faults
         self._skips_in_a_row = 0
         self._setup_run_dir()
         try:
             self._init_rest()
         except BaseException:
             self.lock.release()
+            self._close_run_log()
             raise
 
     def _init_rest(self) -> None:
@@ -155,12 +181,13 @@ class ContinualTrainer:
         if not self.seq.tasks:
             raise MoeclError(f"sequence {self.seq.name!r} names no tasks")
         check_batch_fits(cfg, self.seq.tasks)
+        check_per_task(cfg, self.seq.task_names)
         self.ds = ds_config(cfg, self.info.world_size, self.device)
         self.micro = micro_batch(cfg, self.info.world_size)
         self.autocast = autocast_for(cfg, self.device, self.ds)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        _seed_all(cfg.train.seed)
+        seed_all(cfg.train.seed)
         self._prepare_backbone_weights()
         self.model: MoECLIP = build_model(cfg.model, cfg.moe, self.method.name).to(self.device)
         if self.method.per_task_routes and cfg.moe.ep_size > 1:
@@ -215,10 +242,7 @@ class ContinualTrainer:
             raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume auto to continue it "
                                   "or choose another --out")
         cfg_path.write_text(self.cfg.to_yaml())
-        handler = logging.FileHandler(self.run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.DEBUG)  # DEBUG lines (resources, DeepSpeed set-up) go to train.log only
+        self._open_run_log()
         for note in notes:
             log.warning(note)
 
@@ -300,6 +324,7 @@ class ContinualTrainer:
                 return self._run()
         finally:
             self.lock.release()
+            self._close_run_log()
 
     def _stop_requested(self) -> bool:
         """True on every rank when any rank got SIGTERM / SIGINT (polled at step boundaries)."""
@@ -342,7 +367,7 @@ class ContinualTrainer:
             self._write_report()
             if self.is_main:
                 log.debug("task %d done: %s", t + 1, json.dumps(self.progress.resources[-1]))
-            maybe_kill("between", t, None, self.info.rank)
+            self.faults.at("between", t)
             if self.progress.task < num_tasks and self._stop_requested():
                 self._interrupt()
             if self.method.per_task_routes:
@@ -355,15 +380,55 @@ class ContinualTrainer:
         if self.cfg.train.epochs:
             count = self.seq.tasks[t].count("train")
             return max(1, math.ceil(self.cfg.train.epochs * count / self.cfg.data.batch_size))
-        return int(self.cfg.per_task("iterations", t, len(self.seq.tasks)))
+        return int(self.cfg.per_task("iterations", t, self.seq.task_names))
 
     def _train_task(self, t: int, task) -> None:
+        """Task t's steps, in chunks (the steps between two checkpoints, each with its own data stream)."""
+        cfg = self.cfg
+        ts, rng_later = self._start_task(t, task)
+        while self.progress.step < ts.total:
+            step0 = self.progress.step
+            stream = train_batches(task, batch_size=self.micro, rank=self.info.rank, world_size=self.info.world_size,
+                                   workers=cfg.data.workers, seed=stable_seed(cfg.train.seed, t, step0 // ts.chunk),
+                                   preprocess=self.train_tf, shuffle_buffer=cfg.data.shuffle_buffer,
+                                   resampled=cfg.data.resampled, max_bad_fraction=cfg.data.max_bad_fraction,
+                                   pin_memory=self.device.type == "cuda")
+            batches = iter(stream)
+            if rng_later is not None:  # resumed inside a chunk: replay its data up to the checkpoint, then its RNG
+                for _ in range((step0 % ts.chunk) * cfg.train.grad_accum):
+                    next(batches)
+                _set_rng(rng_later)
+                rng_later = None
+            end = min((step0 // ts.chunk + 1) * ts.chunk, ts.total)
+            while self.progress.step < end:
+                self._train_step(ts, batches)
+                self.progress.step += 1
+                self._log_step(ts, end)
+                if self._stop_requested():
+                    if ts.bar is not None:
+                        ts.bar.close()
+                    self._save(task_end=False, optimizer=ts.optimizer)
+                    self._interrupt()
+            del batches
+            self.rank_log.train_pass(t, step0, end - step0, getattr(stream, "shards", {}))
+            if cfg.train.checkpoint_every and self.progress.step < ts.total:
+                self._save(task_end=False, optimizer=ts.optimizer)
+        if rng_later is not None:  # interrupted right at the task's last step
+            _set_rng(rng_later)
+        if ts.bar is not None:
+            ts.bar.close()
+        ts.engine.destroy()
+        self.model.eval()
+
+    def _start_task(self, t: int, task) -> tuple[_TaskSteps, Optional[dict[str, torch.Tensor]]]:
+        """Task t's engine over what the method trains, its seed (or the checkpoint's optimizer and RNG), its
+        prompts. Returns the task's step state and, when resumed inside a chunk, the RNG to restore later."""
         cfg = self.cfg
         while self.model.num_tasks <= t:
             self.model.add_task()
         params = self.model.trainable_parameters(self.method.trainable_task(t))
         total = self.iterations(t)
-        peak = float(cfg.per_task("lr", t, len(self.seq.tasks)))
+        peak = float(cfg.per_task("lr", t, self.seq.task_names))
         engine, optimizer = build_engine(self.model, params, cfg, self.ds, lr_at(0, total, peak, cfg.train.warmup))
         if hasattr(optimizer, "check_grad_overflow"):  # ZeRO: let it check its partitioned gradients (skips)
             optimizer.check_grad_overflow = True
@@ -376,105 +441,82 @@ class ContinualTrainer:
             else:  # a checkpoint taken inside a chunk (interrupted): replay the chunk's data up to it first
                 rng_later = rng
         else:  # each task starts from its own seed, so a resume from a task end replays it exactly
-            torch.manual_seed(_stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
+            torch.manual_seed(stable_seed(cfg.train.seed, "task", t, self.info.rank) % 2**63)
         tokens = class_tokens(self.tokenizer, task).to(self.device)
         tokens = self.model.trim_prompts(tokens)  # once per task: to the longest prompt's EOT token (exact)
-        route = self.method.train_route(t)
         bar = self._bar(task.name, total)
-        n_params = sum(p.numel() for p in params)
         if self.is_main:
             log.info("task %d/%d %s: %d steps, lr %g, %d classes, %d trainable parameters", t + 1,
-                     len(self.seq.tasks), task.name, total, peak, task.num_classes, n_params)
+                     len(self.seq.tasks), task.name, total, peak, task.num_classes, sum(p.numel() for p in params))
         self.model.train()
-        tic, seen = time.time(), 0
-        stats = StepStats(self.device)  # loss, aux loss, non-finite steps: on the device, read when logging
-        while self.progress.step < total:
-            step0 = self.progress.step
-            stream = train_batches(task, batch_size=self.micro, rank=self.info.rank, world_size=self.info.world_size,
-                                   workers=cfg.data.workers, seed=_stable_seed(cfg.train.seed, t, step0 // chunk),
-                                   preprocess=self.train_tf, shuffle_buffer=cfg.data.shuffle_buffer,
-                                   resampled=cfg.data.resampled, max_bad_fraction=cfg.data.max_bad_fraction,
-                                   pin_memory=self.device.type == "cuda")
-            batches = iter(stream)
-            if rng_later is not None:
-                for _ in range((step0 % chunk) * cfg.train.grad_accum):
-                    next(batches)
-                _set_rng(rng_later)
-                rng_later = None
-            end = min((step0 // chunk + 1) * chunk, total)
-            while self.progress.step < end:
-                step = self.progress.step
-                lr = lr_at(step, total, peak, cfg.train.warmup)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                # nan_policy=skip decides before the optimizer step (a host read per step, and the step is dropped
-                # whole); stop keeps the step free of host syncs: the device flags it, the next read raises
-                skip_mode, bad = cfg.train.nan_policy == "skip", None
-                # a skipped step must not count its routing toward activate-freeze either
-                counts = [s.counts.clone() for s in self.model.moe_sites()] if skip_mode else None
-                stats.new_step()
-                for _ in range(cfg.train.grad_accum):
-                    images, labels = next(batches)
-                    images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
-                    with self.autocast():
-                        logits = engine(images, tokens, route)
-                    loss = task_loss(logits, labels, cfg.train.label_smoothing)
-                    if nan_here(t, step, self.info.rank):
-                        loss = loss * float("nan")
-                    aux = self.model.aux_loss().to(loss.device)
-                    if cfg.moe.aux_loss_weight:
-                        loss = loss + cfg.moe.aux_loss_weight * aux
-                    if not skip_mode:
-                        loss = stats.guard(loss, step)  # non-finite (on any rank): zero gradient, raised at the read
-                    elif not self._finite(loss):
-                        bad = f"loss ({loss.item()})"
-                        loss = loss * float("nan")  # every gradient non-finite too: the step is dropped whole
-                    engine.backward(loss)
-                    if bad is None:
-                        stats.add(loss, aux, 1.0 / cfg.train.grad_accum)
-                    seen += images.shape[0] * self.info.world_size
-                maybe_kill("step", t, step, self.info.rank)
-                logging_step = self.is_main and ((step + 1) % cfg.runtime.log_every == 0 or step + 1 == total)
-                grad_norm = _grad_norm(params) if logging_step else None  # before step() clears the gradients
-                if skip_mode:
-                    self._optimizer_step(engine, optimizer, params, bad, t, task.name, step, counts)
-                else:
-                    engine.step()
-                step_finished(t, step, self.info.rank)
-                self.progress.step += 1
-                log_now = self.progress.step % cfg.runtime.log_every == 0 or self.progress.step == total
-                if log_now or self.progress.step == end:  # (also before any checkpoint)
-                    loss_sum, aux_sum = self._read_stats(stats, t, task)
-                if self.is_main and log_now:
-                    rate = seen / max(time.time() - tic, 1e-9)
-                    gstep = self._global_step(t)
-                    self.writer.add_scalar("train/loss", loss_sum, gstep)
-                    self.writer.add_scalar("train/lr", lr, gstep)
-                    self.writer.add_scalar("train/aux_loss", aux_sum, gstep)
-                    gn = engine.get_global_grad_norm()  # set by DeepSpeed's ZeRO / bf16 optimizers only
-                    gn = grad_norm if gn is None else gn
-                    if gn is not None:
-                        self.writer.add_scalar("train/grad_norm", float(gn), gstep)
-                    self.writer.add_scalar("train/images_per_s", rate, gstep)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", ips=f"{rate:.0f}")
-                if bar is not None:
-                    bar.update(1)
-                if self._stop_requested():
-                    if bar is not None:
-                        bar.close()
-                    self._save(task_end=False, optimizer=optimizer)
-                    self._interrupt()
-            del batches
-            self.rank_log.train_pass(t, step0, end - step0, getattr(stream, "shards", {}))
-            if cfg.train.checkpoint_every and self.progress.step < total:
-                self._save(task_end=False, optimizer=optimizer)
-        if rng_later is not None:  # interrupted right at the task's last step
-            _set_rng(rng_later)
-        if bar is not None:
-            bar.close()
-        engine.destroy()
-        self.model.eval()
+        ts = _TaskSteps(t, task, engine, optimizer, params, tokens, self.method.train_route(t), total, peak, chunk,
+                        StepStats(self.device), bar, time.time())
+        return ts, rng_later
+
+    def _train_step(self, ts: _TaskSteps, batches) -> None:
+        """One optimizer step: the learning rate, ``grad_accum`` micro-batches forward and backward, the
+        non-finite policy, the optimizer step."""
+        cfg, t, step = self.cfg, ts.t, self.progress.step
+        ts.lr = lr_at(step, ts.total, ts.peak, cfg.train.warmup)
+        for g in ts.optimizer.param_groups:
+            g["lr"] = ts.lr
+        # nan_policy=skip decides before the optimizer step (a host read per step, and the step is dropped
+        # whole); stop keeps the step free of host syncs: the device flags it, the next read raises
+        skip_mode, bad = cfg.train.nan_policy == "skip", None
+        # a skipped step must not count its routing toward activate-freeze either
+        counts = [s.counts.clone() for s in self.model.moe_sites()] if skip_mode else None
+        ts.stats.new_step()
+        for _ in range(cfg.train.grad_accum):
+            images, labels = next(batches)
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+            with self.autocast():
+                logits = ts.engine(images, ts.tokens, ts.route)
+            loss = task_loss(logits, labels, cfg.train.label_smoothing)
+            if self.faults.nan_loss(t, step):
+                loss = loss * float("nan")
+            aux = self.model.aux_loss().to(loss.device)
+            if cfg.moe.aux_loss_weight:
+                loss = loss + cfg.moe.aux_loss_weight * aux
+            if not skip_mode:
+                loss = ts.stats.guard(loss, step)  # non-finite (on any rank): zero gradient, raised at the read
+            elif not self._finite(loss):
+                bad = f"loss ({loss.item()})"
+                loss = loss * float("nan")  # every gradient non-finite too: the step is dropped whole
+            ts.engine.backward(loss)
+            if bad is None:
+                ts.stats.add(loss, aux, 1.0 / cfg.train.grad_accum)
+            ts.seen += images.shape[0] * self.info.world_size
+        self.faults.at("step", t, step)
+        logging_step = self.is_main and ((step + 1) % cfg.runtime.log_every == 0 or step + 1 == ts.total)
+        ts.grad_norm = _grad_norm(ts.params) if logging_step else None  # before step() clears the gradients
+        if skip_mode:
+            self._optimizer_step(ts.engine, ts.optimizer, ts.params, bad, t, ts.task.name, step, counts)
+        else:
+            ts.engine.step()
+        self.faults.step_done(t, step)
+
+    def _log_step(self, ts: _TaskSteps, end: int) -> None:
+        """After a step: read the step figures when logging (and at a chunk's end, before any checkpoint, where a
+        non-finite loss under nan_policy=stop raises), TensorBoard, the progress bar."""
+        step = self.progress.step
+        log_now = step % self.cfg.runtime.log_every == 0 or step == ts.total
+        if log_now or step == end:
+            loss_sum, aux_sum = self._read_stats(ts.stats, ts.t, ts.task)
+        if self.is_main and log_now:
+            rate = ts.seen / max(time.time() - ts.tic, 1e-9)
+            gstep = self._global_step(ts.t)
+            self.writer.add_scalar("train/loss", loss_sum, gstep)
+            self.writer.add_scalar("train/lr", ts.lr, gstep)
+            self.writer.add_scalar("train/aux_loss", aux_sum, gstep)
+            gn = ts.engine.get_global_grad_norm()  # set by DeepSpeed's ZeRO / bf16 optimizers only
+            gn = ts.grad_norm if gn is None else gn
+            if gn is not None:
+                self.writer.add_scalar("train/grad_norm", float(gn), gstep)
+            self.writer.add_scalar("train/images_per_s", rate, gstep)
+            if ts.bar is not None:
+                ts.bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{ts.lr:.2e}", ips=f"{rate:.0f}")
+        if ts.bar is not None:
+            ts.bar.update(1)
 
     def _optimizer_step(self, engine, optimizer, params: list[torch.nn.Parameter], bad: Optional[str], t: int,
                         name: str, step: int, counts: Optional[list[torch.Tensor]] = None) -> None:
@@ -513,7 +555,7 @@ class ContinualTrainer:
                 f"{self._skips_in_a_row} steps in a row skipped for non-finite loss or gradients, the last at task "
                 f"{t} ({name}) step {step}; stopping (train.max_consecutive_skips={limit}). The last good checkpoint "
                 f"in {self.run_dir / 'checkpoints'} is kept; lower train.lr "
-                f"({cfg.per_task('lr', t, len(self.seq.tasks))}) or check the data")
+                f"({cfg.per_task('lr', t, self.seq.task_names)}) or check the data")
 
     @staticmethod
     def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
@@ -594,8 +636,8 @@ class ContinualTrainer:
         if self.cfg.ddas.kind == "reference":
             return self._fit_reference_ddas(t, task)
         feats = self._image_features(task, "train", self.cfg.ddas.max_images)
-        maybe_kill("ddas", t, None, self.info.rank)
-        ae, stats = fit_autoencoder(feats, self.cfg.ddas, seed=_stable_seed(self.cfg.train.seed, "ddas", t))
+        self.faults.at("ddas", t)
+        ae, stats = fit_autoencoder(feats, self.cfg.ddas, seed=stable_seed(self.cfg.train.seed, "ddas", t))
         threshold = stats.threshold
         self.selector.add_task(ae, threshold)
         info = stats.as_dict() if hasattr(stats, "as_dict") else {"threshold": threshold}
@@ -613,7 +655,7 @@ class ContinualTrainer:
             if self.is_main:
                 log.info("DDAS (reference): reference-domain slot fitted, final loss %.5f", info["final_loss"])
         info = fit_reference_slot(self, t, task)
-        maybe_kill("ddas", t, None, self.info.rank)
+        self.faults.at("ddas", t)
         self.progress.ddas.append(info)
         if self.is_main:
             log.info("task %d: DDAS (reference) autoencoder, final loss %.5f, threshold %.5f", t,
@@ -736,13 +778,13 @@ class ContinualTrainer:
                 ckpt.wait_for_parts(tmp, state)
                 ckpt.finalize(tmp, root / name, {"task": t, "step": step, "task_end": task_end,
                                                  "world_size": self.info.world_size})
-                checkpoint_saved(t, step)
+                self.faults.checkpoint_done(t, step)
                 ckpt.prune_steps(self.run_dir, self.cfg.train.keep_checkpoints if not task_end else 0)
                 log.info("checkpoint %s", root / name)
 
         self._checkpoint_phase(prepare, root / name, tmp, optimizer)
         self._checkpoint_phase(write_parts, root / name, tmp, optimizer)
-        maybe_kill("checkpoint", t - 1 if task_end else t, None if task_end else step, self.info.rank)
+        self.faults.at("checkpoint", t - 1 if task_end else t, None if task_end else step)
         self._checkpoint_phase(commit, root / name, tmp, optimizer)
 
     def _checkpoint_phase(self, work, final: Path, tmp: Path, optimizer) -> None:
@@ -863,7 +905,7 @@ class ContinualTrainer:
         if self.info.rank < saved_world:
             return layout.read_rng(path, self.info.rank)
         gen = torch.Generator()  # a rank the old shape did not have: a seed of its own
-        gen.manual_seed(_stable_seed(self.cfg.train.seed, "task", self.progress.task, self.info.rank,
+        gen.manual_seed(stable_seed(self.cfg.train.seed, "task", self.progress.task, self.info.rank,
                                      self.progress.step) % 2**63)
         return {"torch": gen.get_state()}
 

@@ -70,7 +70,8 @@ def main() -> int:
     from data_tools.synthetic import build_world
     from moecl import backbones
     from moecl.demo import PRETRAIN, WORLD
-    from moecl.pretrain import _seed_all, pretrain_clip
+    from moecl.pretrain import pretrain_clip
+    from moecl.seeding import seed_all
 
     backbones.register_backbones()
     tic = time.time()
@@ -78,7 +79,7 @@ def main() -> int:
         world = build_world(Path(tmp) / "world", workers=1, **WORLD)
         res = pretrain_clip(world, Path(tmp) / "cache", PRETRAIN, workers=1, progress=False, threads=1)
         state = load_file(str(res.weights))
-        _seed_all(PRETRAIN.seed)  # the initial weights pretraining started from (same seed, same order)
+        seed_all(PRETRAIN.seed)  # the initial weights pretraining started from (same seed, same order)
         init = open_clip.create_model(PRETRAIN.model, pretrained=None).state_dict()[EMBED]
         tokenizer = open_clip.get_tokenizer(PRETRAIN.model)
         changed = (state[EMBED] != init).any(dim=1).nonzero().flatten().tolist()
