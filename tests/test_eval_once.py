@@ -188,3 +188,24 @@ def test_moecl_eval_reuses_the_runs_frozen_features(tiny_run, tmp_path):
     method = next(m for m in report["methods"] if m != "zero-shot")
     for mode, entry in doc["modes"].items():
         assert entry["row"] == report["methods"][method][mode]["matrix"][-1], mode
+
+
+@pytest.mark.slow
+def test_two_ranks_score_every_mode_in_one_pass_to_the_hand_counts(tasks, tmp_path):
+    """2 gloo ranks, padded equal batches with collective forwards (expert parallel) and without: every row gives
+    the hand-derived counts; the second row reads the cache on both ranks (no plain forward)."""
+    import json
+
+    from evaluator_stub import EXPECTED
+    from helpers import torchrun
+    out = tmp_path / "ranks.json"
+    torchrun("tests/dist/eval_once_ranks.py", str(tasks[0].root.parent), str(out), nproc=2)
+    got = json.loads(out.read_text())
+    for collective in ("True", "False"):
+        for row in ("0", "1"):
+            for case in ("oracle/a", "oracle/b", "agnostic/a", "agnostic/b"):
+                assert got[f"{collective}/{row}/{case}"] == EXPECTED[case], (collective, row, case)
+        # padding rows of equal batches run the forward too (collective): 15 images and the padding
+        assert got[f"{collective}/0/work"]["plain"] >= 15 and got[f"{collective}/1/work"]["plain"] == 0
+    assert got["False/0/work"]["plain"] == 15
+    assert got["False/1/work"]["routed"] == 15  # one adapted forward per image (oracle and DDAS agree or zero-shot)
