@@ -232,6 +232,11 @@ def _prepare_run_dir(run_dir: Path, cfg) -> Optional[str]:
         return None
     if saved.read_text() == cfg.to_yaml():
         return "auto"
+    from .folder_lock import FolderBusy, FolderLock, describe_holder
+    holder = FolderLock(run_dir, "moecl demo").holder()
+    if holder is not None:  # never delete a run another live process is writing
+        raise FolderBusy(f"{run_dir} holds a run of another configuration that {describe_holder(holder)} is "
+                         f"writing; wait for it or use another --out")
     _say(f"  {run_dir} holds a run of another configuration: starting it afresh")
     shutil.rmtree(run_dir)
     return None

@@ -133,3 +133,29 @@ def test_reference_setting_gets_the_fixed_threshold():
     fixed = loading.fixed_threshold(sel, 0.25)
     assert fixed.thresholds.tolist() == [0.25, 0.25, 0.25]
     assert sel.thresholds.tolist() == pytest.approx([0.001, 0.002, 0.003])
+
+
+def test_demo_never_deletes_a_sub_run_another_process_is_writing(tmp_path):
+    """A sub-run of another configuration is replaced, but not while a live process holds its lock."""
+    import subprocess
+    import sys
+
+    from moecl.config import load_config
+    from moecl.demo import _prepare_run_dir
+    from moecl.folder_lock import FolderBusy, FolderLock
+    cfg = load_config("tiny")
+    run = tmp_path / "sub"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {name: other}\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(
+            f'{{"pid": {holder.pid}, "host": "{__import__("socket").gethostname()}", "what": "moecl train"}}')
+        with pytest.raises(FolderBusy, match=f"PID {holder.pid}"):
+            _prepare_run_dir(run, cfg)
+        assert (run / "config.yaml").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert FolderLock(run, "x").holder() is None  # its holder is gone: the stale lock no longer protects it
+    assert _prepare_run_dir(run, cfg) is None and not run.exists()

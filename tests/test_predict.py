@@ -11,6 +11,7 @@ from PIL import Image
 
 from moecl.cli import main
 from moecl.errors import DataError
+from moecl.evaluation.loading import load_run
 from moecl.evaluation.predict import Predictor, find_images
 
 
@@ -172,3 +173,13 @@ def test_predict_streams_a_folder_as_json_lines_with_loader_processes(tiny, pred
     for i, r in enumerate(ref):
         got = by_name[f"{i:03d}.png"]
         assert got["route"] == r["route"] and [t["label"] for t in got["top"]] == [t["label"] for t in r["top"]]
+
+
+def test_predictions_are_deterministic_when_the_run_evaluates_on_training_crops(tiny):
+    """eval.transform=train (the published CIL evaluation's random crops) must not make predict random."""
+    _, run, images = tiny
+    pred = Predictor(run, device="cpu", loaded=load_run(run, device="cpu", overrides=["eval.transform=train"]))
+    paths = _mixed(images, 6)
+    a, b = pred.predict(paths), pred.predict(paths)
+    assert [[t["probability"] for t in r["top"]] for r in a] == [[t["probability"] for t in r["top"]] for r in b]
+    assert pred.run.eval_tf is not pred.tf  # the evaluation itself still scores training crops

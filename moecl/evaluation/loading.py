@@ -50,6 +50,7 @@ class LoadedRun:
     device: torch.device
     autocast: Callable[[], Any] = contextlib.nullcontext
     trainer_state: dict[str, Any] = field(default_factory=dict)
+    predict_tf: Optional[Callable] = None  # always the deterministic test transform (eval.transform=train or not)
 
     @property
     def method(self) -> Method:
@@ -173,8 +174,9 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str | Path] = None, devic
     pcfg = getattr(model.clip.visual, "preprocess_cfg", {}) or {}
     train_tf, eval_tf = make_transforms(image_size_of(model.clip), cfg.data.train_crop_scale,
                                         mean=pcfg.get("mean"), std=pcfg.get("std"))
+    predict_tf = eval_tf  # predictions are deterministic whatever the evaluation protocol
     if cfg.eval.transform == "train":  # the published CIL evaluation scores the training crop
         eval_tf = train_tf
-    return LoadedRun(run_dir=run_dir, cfg=cfg, model=model, selector=selector, sequence=seq,
+    return LoadedRun(run_dir=run_dir, cfg=cfg, model=model, selector=selector, sequence=seq, predict_tf=predict_tf,
                      tokenizer=tokenizer_for(cfg.model), eval_tf=eval_tf, checkpoint=path, num_trained_tasks=trained,
                      trained_task_names=names, device=dev, autocast=autocast_for(cfg, dev), trainer_state=state)

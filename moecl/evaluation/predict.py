@@ -66,7 +66,9 @@ class Predictor:
         from .evaluator import Evaluator
         self.run = loaded or load_run(run_dir, checkpoint, device, data_root=data_root, sequence=sequence)
         self.batch_size = int(batch_size or self.run.cfg.eval.batch_size)
-        self._ev = Evaluator(self.run.model, self.run.tokenizer, self.run.eval_tf, device=self.run.device,
+        # the deterministic test transform even where the run evaluates on training crops (eval.transform=train)
+        self.tf = self.run.predict_tf or self.run.eval_tf
+        self._ev = Evaluator(self.run.model, self.run.tokenizer, self.tf, device=self.run.device,
                              batch_size=self.batch_size, autocast=self.run.autocast)
         self._union: dict[tuple[int, bool], tuple[torch.Tensor, list[str]]] = {}
 
@@ -156,19 +158,19 @@ class Predictor:
 
     # ---- prediction --------------------------------------------------------------------------------------
     def _load(self, image: ImageInput) -> tuple[torch.Tensor, str]:
-        return _load_image(image, self.run.eval_tf)
+        return _load_image(image, self.tf)
 
     def _batches(self, images: Sequence[ImageInput], workers: int):
         """(loaded [(tensor, name)], unreadable [(name, reason)]) per batch of ``batch_size`` inputs, decoded by
         ``workers`` loader processes (0: here); at most a few batches are held at once."""
         if workers > 0 and all(isinstance(i, (str, Path)) for i in images):
             from torch.utils.data import DataLoader
-            loader = DataLoader(_ImageFiles(list(images), self.run.eval_tf), batch_size=self.batch_size,
+            loader = DataLoader(_ImageFiles(list(images), self.tf), batch_size=self.batch_size,
                                 num_workers=workers, collate_fn=_split_unreadable, prefetch_factor=2)
             yield from loader
             return
         for start in range(0, len(images), self.batch_size):
-            yield _split_unreadable([_try_load(img, self.run.eval_tf) for img in images[start:start + self.batch_size]])
+            yield _split_unreadable([_try_load(img, self.tf) for img in images[start:start + self.batch_size]])
 
     @torch.no_grad()
     def predict(self, images: Sequence[ImageInput], labels: Optional[Sequence[str]] = None,
