@@ -35,7 +35,8 @@ def console(is_main: bool):
 def run_train(args) -> int:
     from ..runtime import init_distributed
     from .loop import train
-    is_main = init_distributed(args.cfg.runtime.device).is_main
+    # the first call creates the world and fixes its collective timeout: pass the configured one here
+    is_main = init_distributed(args.cfg.runtime.device, args.cfg.runtime.collective_timeout_s).is_main
     with console(is_main):
         report = train(args.cfg, args.out, args.resume,
                        allow_config_change=getattr(args, "allow_config_change", False))
