@@ -423,9 +423,6 @@ def _state(pid: int) -> str:
         return "gone"
 
 
-@pytest.mark.xfail(strict=True, reason="regressed when the session-2 branches were merged (passed on its own "
-                   "branch): the surviving rank no longer stops after runtime.collective_timeout_s; open, see the "
-                   "closing note of issue 13 item 8")
 def test_a_stalled_rank_ends_the_run_after_the_collective_timeout_naming_it(world, tmp_path):
     # rank 1 stops (SIGSTOP: alive, connections open, never answering) at task 0 step 1; the other rank waits
     # runtime.collective_timeout_s in its collective, then stops with a message naming rank 1

@@ -35,7 +35,8 @@ def console(is_main: bool):
 def run_train(args) -> int:
     from ..runtime import distributed
     from .loop import train
-    with distributed(args.cfg.runtime.device) as info:
+    # the first call creates the world and fixes its collective timeout: pass the configured one here
+    with distributed(args.cfg.runtime.device, args.cfg.runtime.collective_timeout_s) as info:
         is_main = info.is_main
         with console(is_main):
             report = train(args.cfg, args.out, args.resume,
