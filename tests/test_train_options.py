@@ -6,6 +6,7 @@ import re
 import subprocess
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from helpers import ROOT, cpu_env, read_json, run_train, train_cmd
@@ -109,3 +110,27 @@ def test_class_incremental_run_with_one_shared_router(world, tmp_path):
     assert len(acc) == 2 and all(abs(a * n / 100 - round(a * n / 100)) < 1e-6 for a, n in zip(acc, (64, 144)))
     metrics = entry["oracle"]["metrics"]
     assert metrics["avg"] == pytest.approx(sum(acc) / 2) and metrics["last"] == acc[1]
+
+
+def test_shipped_deepspeed_configs_set_precision_and_zero_stage(world, tmp_path):
+    """train.ds_config=fp32 / bf16_zero0 / bf16_zero1 on the CPU, each killed before task 0's step 1 so its mid-task
+    checkpoint holds step 0's result: fp32 and bf16_zero0 keep torch's AdamW state (ZeRO stage 0), bf16_zero1
+    DeepSpeed's ZeRO-1 state; bf16 autocast of the backbone changes step 0's update (slightly) against fp32.
+    (The bf16 configs enable torch autocast, not DeepSpeed's bf16 engine: DeepSpeed's "bf16" section needs a GPU
+    and moecl refuses it on a CPU, see tests/test_faults.py; fp32 differs from cpu.json only in settings that a
+    one-process CPU run never uses, so the two give the same numbers.)"""
+    common = ["train.iterations=2", "train.checkpoint_every=1", "train.deterministic=true"]
+    states, adapters = {}, {}
+    for name in ("fp32", "bf16_zero0", "bf16_zero1"):
+        run = tmp_path / name
+        _killed_after(run, world, 1, f"train.ds_config={name}", *common)
+        ckpt = latest_valid(run)
+        assert ckpt.name == "step-000-0000001"
+        states[name], adapters[name] = load_nested(ckpt, "optimizer-rank0"), _adapters(ckpt)
+    for name in ("fp32", "bf16_zero0"):
+        assert "zero_stage" not in states[name] and _adam_steps(states[name]) == {1}, name
+    assert states["bf16_zero1"]["zero_stage"] == 1
+    assert _adam_steps(states["bf16_zero1"]["base_optimizer_state"]) == {1}
+    fp32, bf16 = adapters["fp32"], adapters["bf16_zero0"]
+    moved = [k for k in fp32 if ".experts." in k and not fp32[k].equal(bf16[k])]
+    assert moved and all(torch.allclose(fp32[k], bf16[k], atol=1e-2) for k in fp32 if fp32[k].is_floating_point())
