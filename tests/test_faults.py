@@ -12,26 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, build_world, cpu_env, resumed_from, run_train, steps_per_process, train_cmd
+from helpers import (RESUME_ARGS, ROOT, build_world, cpu_env, resumed_from, run_train, steps_per_process,
+                     train_cmd)
 from moecl.train.checkpoint import latest_valid, list_checkpoints, verify
 
-COMMON = ["train.iterations=4", "train.checkpoint_every=2", "train.deterministic=true", "ddas.iterations=20"]
-COMMON2 = ["train.iterations=2", "train.checkpoint_every=1", "train.deterministic=true", "ddas.iterations=10",
-           "moe.ep_size=2"]
-
-
-@pytest.fixture(scope="module")
-def reference(world, tmp_path_factory):
-    """One uninterrupted run per process count, shared by the kill tests."""
-    runs = {}
-
-    def get(nproc):
-        if nproc not in runs:
-            run = tmp_path_factory.mktemp(f"ref{nproc}") / "run"
-            run_train(run, world, *(COMMON if nproc == 1 else COMMON2), nproc=nproc)
-            runs[nproc] = run
-        return runs[nproc]
-    return get
+COMMON, COMMON2 = RESUME_ARGS[1], RESUME_ARGS[2]  # the session's `reference` runs (tests/conftest.py) use these
 
 
 def _final_state(run):
