@@ -65,3 +65,17 @@ def pretrained_tiny(tmp_path_factory) -> Path:
     return write_full(tmp_path_factory.mktemp("pretrained") / "model.safetensors")
 
 
+@pytest.fixture(scope="session")
+def reference(world, tmp_path_factory):
+    """``reference(nproc)``: the uninterrupted run of RESUME_ARGS[nproc] on ``world``, made once per session on first
+    use. Tests must not modify it: copy it first."""
+    from helpers import RESUME_ARGS, run_train
+    runs = {}
+
+    def get(nproc: int) -> Path:
+        if nproc not in runs:
+            run = tmp_path_factory.mktemp(f"ref{nproc}") / "run"
+            run_train(run, world, *RESUME_ARGS[nproc], nproc=nproc)
+            runs[nproc] = run
+        return runs[nproc]
+    return get

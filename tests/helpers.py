@@ -10,6 +10,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Uninterrupted deterministic runs that the kill-and-resume tests (tests/test_faults.py, tests/test_train.py) compare
+# against: 2 tasks x 4 steps, a mid-task checkpoint every 2 steps (1 process); 2 x 2 steps at ep_size 2 (2 processes).
+RESUME_ARGS = {1: ["train.iterations=4", "train.checkpoint_every=2", "train.deterministic=true", "ddas.iterations=20"],
+               2: ["train.iterations=2", "train.checkpoint_every=1", "train.deterministic=true", "ddas.iterations=10",
+                   "moe.ep_size=2"]}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

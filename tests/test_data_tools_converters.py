@@ -172,7 +172,7 @@ def test_cil_cifar100_steps_follow_the_published_order(tmp_path):
     assert seq.kind == "cil" and len(seq.tasks) == 10
     order = benchmark("cil")["cifar100"]["order"]
     published = json.loads((Path(__file__).parent / "data" / "published_cil_orders.json").read_text())["cifar100"]
-    assert order == published  # the implementation's JSON against the order vendored from the iCaRL code
+    assert order == published  # the implementation's JSON against the order vendored from the published code
     first, last = seq.tasks[0], seq.tasks[-1]
     assert first.class_ids == order[:10] and first.classnames[:2] == ["television", "apple"]  # ids 87, 0
     assert first.train_template == "a bad photo of a {}." and first.counts == {"train": 10, "test": 10}
@@ -182,6 +182,9 @@ def test_cil_cifar100_steps_follow_the_published_order(tmp_path):
 
 def test_cil_tinyimagenet_base_plus_steps(tmp_path):
     spec = benchmark("cil")["tinyimagenet"]
+    published = json.loads((Path(__file__).parent / "data" / "published_cil_orders.json").read_text())
+    # the implementation's JSON against the order and class table vendored from the published CIL code
+    assert spec["order"] == published["tinyimagenet"] and spec["wnids"] == published["tinyimagenet_wnids"]
     base = tmp_path / "raw" / "tiny-imagenet-200"
     base.mkdir(parents=True)
     (base / "wnids.txt").write_text("\n".join(spec["wnids"]) + "\n")

@@ -12,26 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, build_world, cpu_env, resumed_from, run_train, steps_per_process, train_cmd
+from helpers import (RESUME_ARGS, ROOT, build_world, cpu_env, resumed_from, run_train, steps_per_process,
+                     train_cmd)
 from moecl.runstate.files import latest_valid, list_checkpoints, verify
 
-COMMON = ["train.iterations=4", "train.checkpoint_every=2", "train.deterministic=true", "ddas.iterations=20"]
-COMMON2 = ["train.iterations=2", "train.checkpoint_every=1", "train.deterministic=true", "ddas.iterations=10",
-           "moe.ep_size=2"]
-
-
-@pytest.fixture(scope="module")
-def reference(world, tmp_path_factory):
-    """One uninterrupted run per process count, shared by the kill tests."""
-    runs = {}
-
-    def get(nproc):
-        if nproc not in runs:
-            run = tmp_path_factory.mktemp(f"ref{nproc}") / "run"
-            run_train(run, world, *(COMMON if nproc == 1 else COMMON2), nproc=nproc)
-            runs[nproc] = run
-        return runs[nproc]
-    return get
+COMMON, COMMON2 = RESUME_ARGS[1], RESUME_ARGS[2]  # the session's `reference` runs (tests/conftest.py) use these
 
 
 def _final_state(run):
@@ -167,18 +152,22 @@ def test_tar_members_with_absolute_or_parent_paths_are_ignored(tmp_path):
 
 @pytest.mark.slow
 def test_soak_many_short_tasks_do_not_grow_memory_or_open_files(tmp_path):
+    """7 one-step tasks with 2 loader workers per stream. After 3 warm-up tasks, resident memory may grow by at most
+    8 MiB per task (measured: 844, 882, 888, 892, 893, 897, 902 MiB, about 3 MiB per task) and open files not at
+    all: a leak of a 16 MiB buffer per task, or of a loader's worker pipes, fails it."""
     world = build_world(tmp_path / "w", domains="shapes,textures,digits,arrows,flags,colors,clocks", held_out=0,
                         train=6, test=3)
     run = tmp_path / "run"
-    proc = subprocess.run(train_cmd(run, world, "train.iterations=1", "ddas.iterations=5", "eval.max_samples=8"),
+    proc = subprocess.run(train_cmd(run, world, "train.iterations=1", "ddas.iterations=5", "eval.max_samples=8",
+                                    "data.workers=2"),
                           env=cpu_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((run / "report.json").read_text())["resources"]
     assert len(res) == 7
     fds = [r["open_files"] for r in res]
     rss = [r["rss_bytes"] for r in res]
-    assert max(fds[3:]) <= fds[2] + 2, f"open files grow: {fds}"
-    assert rss[-1] - rss[3] < 64 * 2**20, f"memory grows: {[r // 2**20 for r in rss]} MiB"
+    assert max(fds[3:]) <= fds[2], f"open files grow: {fds}"
+    assert rss[-1] - rss[2] < 4 * 8 * 2**20, f"memory grows: {[r // 2**20 for r in rss]} MiB"
 
 
 def _rewrite_task_json(task_dir, **changes):

@@ -73,3 +73,39 @@ def test_gathered_path_equals_deepspeed_dispatch(train, single, aux_weight):
     if train:
         assert torch.equal(c1, c2) and int(c1.sum()) == 2 * 9
     assert abs(a1 - a2) < 1e-6
+
+
+@pytest.mark.parametrize("drop,factor,expected", [("none", 1.0, list(range(8))), ("probs", 1.0, [5, 7]),
+                                                  ("position", 1.0, [0, 1]), ("probs", 2.0, [4, 5, 6, 7])])
+def test_capacity_and_drop_policy_decide_which_samples_keep_their_expert(drop, factor, expected):
+    """8 samples, 4 experts, top-1, all routed to expert 0. moe.drop_tokens=false (the reference) drops nothing;
+    drop_tokens=true with capacity_factor 1.0 keeps ceil(8 / 4 x 1.0 x 1) = 2 of them: the 2 of highest gate value
+    (drop_policy=probs: samples 5 and 7, given the largest logits) or the first 2 (position: samples 0 and 1);
+    capacity_factor 2.0 keeps 4 (probs: 4, 5, 6, 7).
+    A dropped sample gets no adapter output and is not counted for activate-freeze."""
+    over = {"top_k": 1, "num_experts": 4, "capacity_factor": factor}
+    if drop != "none":
+        over.update(drop_tokens=True, drop_policy=drop)
+    torch.manual_seed(0)
+    site = MoEAdapter(32, MoEConfig(**{"width": 8, "dropout": 0.0, "scale": 1.0, **over}))
+    site.set_deepspeed_parallelism()
+    site.gate.add_task()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for ex in site.deepspeed_moe.experts.deepspeed_experts:  # non-zero experts (their init outputs 0)
+            for p in ex.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        site.gate.routers[0].zero_()
+        site.gate.routers[0][0, 0] = 1.0  # logit of expert 0 = feature 0 of the route token; others 0
+    x = torch.randn(8, 3, 32, generator=g)
+    route = torch.zeros(8, 32)
+    route[:, 0] = torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0, 6.0, 3.5, 5.0])  # expert 0 wins everywhere
+    site.train()  # (counts are kept in training)
+    with torch.no_grad():
+        site.gate.noise[0].fill_(-30.0)  # softplus(-30 x feature) ~ 0: only the eps noise (std 0.01) is left
+    site.counts.zero_()
+    torch.manual_seed(5)
+    out = site(x, route, torch.zeros(8, dtype=torch.long))
+    kept = [i for i in range(8) if out[i].abs().max() > 0]
+    assert kept == expected
+    assert site.counts.tolist() == [len(expected), 0, 0, 0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, cpu_env, resumed_from, run_train, steps_per_process, train_cmd
+from helpers import RESUME_ARGS, ROOT, cpu_env, resumed_from, run_train, steps_per_process, train_cmd
 from moecl.runstate.files import latest_valid, list_checkpoints, verify
 
 
@@ -126,10 +126,10 @@ def _frozen_in(state, key):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_the_same_final_state(world, tmp_path):
-    common = ["train.iterations=6", "train.checkpoint_every=2", "train.deterministic=true", "ddas.iterations=20"]
-    ref = tmp_path / "ref"
-    run_train(ref, world, *common)
+def test_kill_and_resume_gives_the_same_final_state(world, reference, tmp_path):
+    """SIGKILL at a random moment of task 1 (once its first mid-task checkpoint exists), then --resume auto: the run
+    ends equal to the session's uninterrupted reference run (tests/conftest.py) and trains no step twice."""
+    common, ref = RESUME_ARGS[1], reference(1)
     run, steps = tmp_path / "killed", tmp_path / "steps.log"
     proc = subprocess.Popen(train_cmd(run, world, *common), env=cpu_env(MOECL_STEP_LOG=str(steps)), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -149,7 +149,7 @@ def test_kill_and_resume_gives_the_same_final_state(world, tmp_path):
     assert resumed_from(run) == (held.name, progress["task"], progress["step"])
     first, second = steps_per_process(steps)
     assert second[0] == (progress["task"], progress["step"]) and second == sorted(set(second))
-    assert sorted(set(first) | set(second)) == [(t, s) for t in range(2) for s in range(6)]
+    assert sorted(set(first) | set(second)) == [(t, s) for t in range(2) for s in range(4)]
     a, b = _adapters(ref / "checkpoints" / "task-001"), _adapters(run / "checkpoints" / "task-001")
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
@@ -171,21 +171,36 @@ def test_resume_with_a_different_model_config_is_refused_and_existing_run_needs_
 
 
 @pytest.mark.slow
-def test_zero2_with_bf16_autocast_runs_and_resumes(world, tmp_path):
-    """The shipped bf16 configs (torch autocast of the backbone) with ZeRO stage 2: train, checkpoint, resume."""
-    run = tmp_path / "z2"
-    args = ["train.ds_config=bf16_zero2", "train.iterations=2", "train.checkpoint_every=1", "ddas.iterations=5"]
-    steps = tmp_path / "steps.log"
-    killed = subprocess.run(train_cmd(run, world, *args),
-                            env=cpu_env(MOECL_FAULT="kill@step:0:1", MOECL_STEP_LOG=str(steps)), cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -9 and latest_valid(run).name == "step-000-0000001"
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_zero2_with_bf16_autocast_resumes_to_the_uninterrupted_run(world, tmp_path, nproc):
+    """The shipped bf16 configs (torch autocast of the backbone) with ZeRO stage 2, on 1 and on 2 processes (the
+    optimizer state partitioned over the ranks): killed (rank 1 only, on 2) before task 0's step 1, resumed from
+    the mid-task checkpoint with its ZeRO-2 optimizer state, the run ends where an uninterrupted one ends: the same
+    adapters bit for bit and the same accuracy matrices."""
+    args = ["train.ds_config=bf16_zero2", "train.iterations=2", "train.checkpoint_every=1", "ddas.iterations=5",
+            "train.deterministic=true"]
+    reference = tmp_path / "reference"
+    run_train(reference, world, *args, nproc=nproc)
+    run, steps = tmp_path / "z2", tmp_path / "steps.log"
+    killed = subprocess.run(train_cmd(run, world, *args, nproc=nproc),
+                            env=cpu_env(MOECL_FAULT="kill@step:0:1", MOECL_FAULT_RANK=str(nproc - 1),
+                                        MOECL_STEP_LOG=str(steps)),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0 and latest_valid(run).name == "step-000-0000001"
+    assert (killed.returncode == -9) == (nproc == 1)  # (torchrun reports a killed rank as its own failure)
     # loads the ZeRO-2 optimizer state of the mid-task checkpoint and goes on from step 1
-    run_train(run, world, *args, resume="auto", env=cpu_env(MOECL_STEP_LOG=str(steps)))
+    run_train(run, world, *args, nproc=nproc, resume="auto", env=cpu_env(MOECL_STEP_LOG=str(steps)))
     assert resumed_from(run) == ("step-000-0000001", 0, 1)
-    assert steps_per_process(steps) == [[(0, 0)], [(0, 1), (1, 0), (1, 1)]]
-    _check_run_folder(run)
-    assert json.loads((run / "report.json").read_text())["config"]["train"]["ds_config"] == "bf16_zero2"
+    for rank in range(nproc):
+        first, second = steps_per_process(steps, rank)
+        assert first == [(0, 0)] and second == [(0, 1), (1, 0), (1, 1)]
+    report = _check_run_folder(run)
+    assert report["config"]["train"]["ds_config"] == "bf16_zero2"
+    ours, theirs = _adapters(run / "checkpoints" / "task-001"), _adapters(reference / "checkpoints" / "task-001")
+    assert ours.keys() == theirs.keys() and [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    ref = json.loads((reference / "report.json").read_text())["methods"]["moecl"]
+    assert {m: report["methods"]["moecl"][m]["matrix"] for m in ("oracle", "agnostic")} == \
+        {m: ref[m]["matrix"] for m in ("oracle", "agnostic")}
 
 
 def test_tensorboard_has_the_documented_tags(tiny_run):

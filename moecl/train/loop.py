@@ -466,7 +466,7 @@ class ContinualTrainer:
         # a skipped step must not count its routing toward activate-freeze either
         counts = [s.counts.clone() for s in self.model.moe_sites()] if skip_mode else None
         ts.stats.new_step()
-        for _ in range(cfg.train.grad_accum):
+        for micro in range(cfg.train.grad_accum):
             images, labels = next(batches)
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
             with self.autocast():
@@ -486,6 +486,10 @@ class ContinualTrainer:
             if bad is None:
                 ts.stats.add(loss, aux, 1.0 / cfg.train.grad_accum)
             ts.seen += images.shape[0] * self.info.world_size
+            if micro < cfg.train.grad_accum - 1:
+                # DeepSpeed counts micro-steps in step(): off the accumulation boundary it only advances that
+                # count; the optimizer steps at the step() after the last micro-batch, below
+                ts.engine.step()
         self.faults.at("step", t, step)
         logging_step = self.is_main and ((step + 1) % cfg.runtime.log_every == 0 or step + 1 == ts.total)
         ts.grad_norm = _grad_norm(ts.params) if logging_step else None  # before step() clears the gradients
