@@ -16,6 +16,7 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from ..data import TaskInfo, check_eval_count, eval_batches, fill_template
 from ..ddas import DDASSelector
+from ..ddas.block import single_pass
 
 ZERO_SHOT = -1
 
@@ -130,11 +131,17 @@ class Evaluator:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device)
             with self.autocast():
-                routes, plain = self.routes_for(images, mode, oracle_route, selector, decision)
-                if bool((routes >= 0).any()) or self.collective_routes:
-                    feats = self.model.encode_image(images, routes, normalize=True).float()
+                # issue 16 single-pass layout (ddas.feature=block): DDAS decides inside the one image forward
+                one = single_pass(self.model, images, selector, decision) if mode != "oracle" else None
+                if one is not None:
+                    feats, routes, _ = one
+                    plain = self.model.encode_image(images, ZERO_SHOT, normalize=True).float() if zero_shot else None
                 else:
-                    feats = plain
+                    routes, plain = self.routes_for(images, mode, oracle_route, selector, decision)
+                    if bool((routes >= 0).any()) or self.collective_routes:
+                        feats = self.model.encode_image(images, routes, normalize=True).float()
+                    else:
+                        feats = plain
             valid = targets >= 0  # padding rows of equal-batch streams carry label -1
             preds = torch.empty_like(targets)
             for r in routes.unique().tolist():

@@ -144,6 +144,15 @@ class Predictor:
         route = 0 if self.run.method == "dense-adapter" and self.run.num_trained_tasks else ZERO_SHOT
         return torch.full((n,), route, dtype=torch.long, device=dev), None
 
+    def _single_pass(self, images: torch.Tensor):
+        """(features, routes, DDAS errors) from one forward when the run's selector reads the first adapted
+        image block (ddas.feature=block); None otherwise."""
+        sel, run = self.run.selector, self.run
+        if run.method != "moe-adapters" or not run.cfg.ddas.enabled or sel is None:
+            return None
+        from ..ddas.block import single_pass
+        return single_pass(run.model, images, sel, "sample")
+
     # ---- prediction --------------------------------------------------------------------------------------
     def _load(self, image: ImageInput) -> tuple[torch.Tensor, str]:
         from ..data import open_image
@@ -189,10 +198,15 @@ class Predictor:
                 continue
             x = torch.stack([t for t, _ in loaded]).to(run.device)
             with run.autocast():
-                plain = model.encode_image(x, ZERO_SHOT, normalize=True).float()
-                routes, errors = self.routes(plain, task, x)
-                feats = (model.encode_image(x, routes, normalize=True).float() if bool((routes >= 0).any())
-                         else plain)
+                # issue 16 single-pass layout (ddas.feature=block): DDAS decides inside the one image forward
+                one = self._single_pass(x) if task is None else None
+                if one is not None:
+                    feats, routes, errors = one
+                else:
+                    plain = model.encode_image(x, ZERO_SHOT, normalize=True).float()
+                    routes, errors = self.routes(plain, task, x)
+                    feats = (model.encode_image(x, routes, normalize=True).float() if bool((routes >= 0).any())
+                             else plain)
             rows: list[Optional[dict[str, Any]]] = [None] * len(loaded)
             for r in routes.unique().tolist():
                 idx = (routes == r).nonzero().flatten()
