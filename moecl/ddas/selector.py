@@ -38,6 +38,9 @@ class DDASSelector(nn.Module):
         if self.num_tasks and autoencoder.dim != self.autoencoders[0].dim:
             raise ValueError(f"autoencoder dim {autoencoder.dim} differs from the first task's "
                              f"{self.autoencoders[0].dim}: every task must use the same image feature")
+        if self.num_tasks and type(autoencoder) is not type(self.autoencoders[0]):
+            raise ValueError(f"a {type(autoencoder).__name__} after {type(self.autoencoders[0]).__name__}s: errors of "
+                             "different scorers are not comparable, every task must use the same ddas.scorer")
         device = self.thresholds.device
         self.autoencoders.append(autoencoder.to(device).float().eval().requires_grad_(False))
         t = torch.tensor([float(threshold)], dtype=torch.float32, device=device)
