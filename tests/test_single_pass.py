@@ -163,3 +163,81 @@ def test_gaussian_scorer_and_selector_state_round_trip():
     assert "feature_block" not in plain_meta and "scorers" not in plain_meta
     with pytest.raises(ValueError, match="feature_block"):
         DDASSelector.from_state(tensors, dict(meta, feature_block=0))
+
+
+# ---- end to end: train -> DDAS at the block -> evaluate -> predict, on the tiny config ---------------------
+
+LAYOUT = ("moe.image_blocks=[1]", "ddas.feature=block", "ddas.scorer=gaussian")
+
+
+@pytest.fixture(scope="module")
+def layout_run(world, tmp_path_factory):
+    from helpers import run_train
+    run = tmp_path_factory.mktemp("single-pass") / "run"
+    run_train(run, world, *LAYOUT)
+    return world, run
+
+
+@pytest.mark.slow
+def test_layout_end_to_end(layout_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from moecl.data import eval_batches
+    from moecl.evaluation.cli import evaluate_loaded
+    from moecl.evaluation.loading import load_run
+    from moecl.evaluation.predict import Predictor
+    world, run = layout_run
+    last = run / "checkpoints" / "task-001"
+    names = {".".join(k.split(".")[:2]) for k in load_file(str(last / "adapters" / "adapters.safetensors"))}
+    assert names == {"image.1", "text.0", "text.1"}  # the layout reached the checkpoint
+    ddas = json.loads((last / "ddas.json").read_text())
+    assert ddas["feature_block"] == 1 and ddas["scorers"] == ["gaussian", "gaussian"]
+
+    report = json.loads((run / "report.json").read_text())
+    loaded = load_run(run, device="cpu")
+    assert loaded.selector.feature_block == 1
+    calls = []
+    blocks = loaded.model.clip.visual.transformer.resblocks
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(blocks)]
+    agnostic = [m for m in loaded.eval_modes() if m.name == "agnostic"]
+    results = evaluate_loaded(loaded, agnostic)["modes"]["agnostic"]
+    for h in hooks:
+        h.remove()
+    assert calls.count(0) == calls.count(1), "the evaluator ran one image forward per batch, not a plain + a routed"
+    entry = report["methods"]["moecl"]["agnostic"]
+    assert results["row"] == entry["matrix"][-1]  # `moecl eval` reproduces the trainer's row
+    routed = sum(n for row in results["routing_confusion"] for n in row[:-1])
+    assert routed > 0, "some test images should be routed to a task"
+
+    # the evaluator's single pass = DDAS on the block token, then the routed forward (two passes), per test set
+    model, sel = loaded.model, loaded.selector
+    for task, acc in zip(loaded.sequence.all_tasks(), results["row"]):
+        from moecl.evaluation.evaluator import Evaluator, label_set
+        ev = Evaluator(model, loaded.tokenizer, loaded.eval_tf, device=loaded.device, batch_size=64)
+        correct = total = 0
+        with torch.no_grad():
+            for images, targets, _ in eval_batches(task, "test", batch_size=64, preprocess=loaded.eval_tf):
+                routes = sel.select(model.image_token(images))
+                feats = model.encode_image(images, routes, normalize=True)
+                for r in routes.unique().tolist():
+                    m = routes == r
+                    preds = (feats[m] @ ev.head(label_set(task, loaded.cfg.eval.templates), r)).argmax(1)
+                    correct += int((preds == targets[m]).sum())
+                total += len(targets)
+        assert 100.0 * correct / total == pytest.approx(acc, abs=1e-9)
+
+    # moecl predict: the same routes and labels in a batch and one by one
+    import tarfile
+    images = tmp_path / "images"
+    for domain in ("shapes", "digits", "colors"):
+        with tarfile.open(world / domain / "test-000000.tar") as tar:
+            members = [m for m in tar.getmembers() if m.name.endswith(".png")][:6]
+            tar.extractall(images / domain, members=members, filter="data")
+    paths = sorted(images.rglob("*.png"))
+    pred = Predictor(run, device="cpu", loaded=loaded)
+    batch = pred.predict(paths)
+    alone = [pred.predict([p])[0] for p in paths]
+    assert [r["route"] for r in batch] == [r["route"] for r in alone]
+    assert [r["top"][0]["label"] for r in batch] == [r["top"][0]["label"] for r in alone]
+    assert all(set(r["ddas_error"]) == {"shapes", "digits"} for r in batch)
+    assert {r["route"] for r in batch} >= {"zero-shot"} and len({r["route"] for r in batch}) >= 2
