@@ -75,6 +75,15 @@ def test_config_refuses_a_block_feature_without_a_shared_prefix():
     assert cfg.moe.image_blocks == [1] and cfg.moe.text_blocks == "all"
 
 
+def test_shipped_layout_config_is_mtil_order1_with_the_layout():
+    from moecl.train.loop import config_changes
+    base, layout = load_config("mtil_order1"), load_config("mtil_order1_single_pass")
+    changed = {c.split(":")[0] for c in config_changes(base.model_dump(mode="json"), layout.model_dump(mode="json"))}
+    assert changed == {"moe.image_blocks", "ddas.feature", "ddas.scorer"} - (
+        {"ddas.scorer"} if layout.ddas.scorer == base.ddas.scorer else set())
+    assert layout.moe.image_blocks == list(range(6, 12)) and layout.ddas.feature == "block"
+
+
 def _selector(m, x):
     """Gaussians fitted on the block tokens of images 0-2 (task 0) and 3-4 (task 1); image 5 fits neither."""
     tok = m.image_token(x)
