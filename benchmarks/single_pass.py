@@ -41,7 +41,7 @@ def main() -> None:
     p = common.base_parser(__doc__.split("\n\n")[0], batch=64, classes=100, steps=12, warmup=2, rounds=3)
     p.add_argument("--tasks", type=int, default=11, help="trained tasks (routers and DDAS scorers)")
     p.add_argument("--image-blocks", default="half", help="adapted image blocks: half (the second half), 6-11, 6,7,8")
-    p.add_argument("--scorer", choices=["gaussian", "autoencoder"], default="gaussian", help="ddas.scorer")
+    p.add_argument("--scorer", choices=["gaussian", "autoencoder"], default="autoencoder", help="ddas.scorer")
     p.add_argument("--ae-hidden", type=int, default=64, help="autoencoder bottleneck (ddas.hidden)")
     p.add_argument("--variants", default=",".join(ALL), help=",".join(ALL))
     args = p.parse_args()
