@@ -250,3 +250,21 @@ def test_layout_end_to_end(layout_run, tmp_path):
     assert [r["top"][0]["label"] for r in batch] == [r["top"][0]["label"] for r in alone]
     assert all(set(r["ddas_error"]) == {"shapes", "digits"} for r in batch)
     assert {r["route"] for r in batch} >= {"zero-shot"} and len({r["route"] for r in batch}) >= 2
+
+
+@pytest.mark.slow
+def test_layout_with_experts_sharded_over_two_ranks(world, tmp_path):
+    """ep_size 2 over two gloo processes: the trainer's single-pass evaluation (every rank runs the same MoE
+    collectives, whatever its images' routes) gives the rows and routing that one process gets at ep_size 1."""
+    from helpers import run_train
+
+    from moecl.evaluation.cli import evaluate_loaded
+    from moecl.evaluation.loading import load_run
+    run = tmp_path / "run"
+    run_train(run, world, *LAYOUT[:2], "moe.ep_size=2", nproc=2)
+    entry = json.loads((run / "report.json").read_text())["methods"]["moecl"]["agnostic"]
+    loaded = load_run(run, device="cpu")
+    assert loaded.selector.feature_block == 1
+    again = evaluate_loaded(loaded, [m for m in loaded.eval_modes() if m.name == "agnostic"])["modes"]["agnostic"]
+    assert again["row"] == entry["matrix"][-1]
+    assert again["routing_confusion"] == entry["routing_confusion"]
