@@ -4,7 +4,7 @@
 # records and fill docs/performance.md's GPU table from them (every figure there names its record).
 #
 #   bash benchmarks/run_gpu.sh            # everything (about 25 min on one H100)
-#   bash benchmarks/run_gpu.sh train      # one part: train | ops | layer | inference | memory | data | project | profile | ep
+#   bash benchmarks/run_gpu.sh train      # one part: train | ops | layer | inference | memory | data | project | profile | ep | single
 #
 # Targets (ViT-B/16 random weights, 22 experts, top-2, bf16, 224 px):
 #   (a) moecl step <= 1.15 x floor at batch 64 and 256      -> gpu_train_step_vitb16_b{64,256}.json  ratios["moecl/floor"]
@@ -83,4 +83,11 @@ if want ep; then  # needs 2 GPUs on one node
   else
     echo "ep: skipped (one GPU)" >&2
   fi
+fi
+
+if want single; then  # issue 16: the single-pass layout (adapters in blocks 6-11) >= 0.9x plain CLIP, routed or not
+  for scorer in gaussian autoencoder; do
+    run $PY -m benchmarks.single_pass $B16 --batch 256 --classes 100 --tasks 11 --image-blocks 6-11 --scorer $scorer \
+      --steps 20 --warmup 5 --rounds 4 --out $R/gpu_single_pass_vitb16_b256_$scorer.json
+  done
 fi

@@ -35,6 +35,7 @@ PositiveFloat = Annotated[float, Field(gt=0.0)]
 UnitFraction = Annotated[float, Field(ge=0.0, lt=1.0)]  # [0, 1), e.g. Adam betas
 CropFraction = Annotated[float, Field(gt=0.0, le=1.0)]  # (0, 1], RandomResizedCrop scale
 MAX_SEED = 2**63 - 1  # the trainer derives per-task seeds modulo 2**63
+BlockList = Union[Literal["all"], list[Annotated[int, Field(ge=0)]]]  # residual blocks of one tower, 0-based
 
 
 class ModelConfig(_Section):
@@ -71,9 +72,18 @@ class MoEConfig(_Section):
     freeze_top: int = Field(2, ge=0, description="experts frozen per block at each task end (activate-freeze)")
     towers: Literal["both", "image", "text"] = Field("both", description="towers that get adapters")
     shared_router: bool = Field(False, description="one router for all tasks (the CIL variant)")
+    image_blocks: BlockList = Field(
+        "all", description="image blocks (0-based) that get adapters: all, or a list such as [6, 7, 8, 9, 10, 11]; "
+                           "with ddas.feature=block the blocks before the first share one forward for every route")
+    text_blocks: BlockList = Field("all", description="text blocks (0-based) that get adapters: all, or a list")
 
     @model_validator(mode="after")
     def _check(self) -> "MoEConfig":
+        for key in ("image_blocks", "text_blocks"):
+            blocks = getattr(self, key)
+            if blocks != "all" and (not blocks or len(set(blocks)) != len(blocks)):
+                raise ValueError(f"moe.{key}={blocks}: list each block once (at least one), or all; for no adapters "
+                                 "in a tower use moe.towers")
         if self.top_k > self.num_experts:
             raise ValueError(f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}; "
                              "choose top_k <= num_experts")
@@ -164,6 +174,13 @@ class DDASConfig(_Section):
     reference_iterations: int = Field(1000, ge=1, description="kind=reference: steps of the reference-domain slot")
     future_slots_vote: bool = Field(
         False, description="kind=reference: stored untrained slots vote too (the published code's behaviour)")
+    feature: Literal["output", "block"] = Field(
+        "output", description="what the selector reads: the frozen CLIP's image embedding (a plain pass before the "
+                              "routed one) or the CLS token entering the first adapted image block (one pass; needs "
+                              "moe.image_blocks to start after block 0)")
+    scorer: Literal["autoencoder", "gaussian"] = Field(
+        "autoencoder", description="per-task model of the feature: autoencoder (reconstruction error) or gaussian "
+                                   "(mean squared z-score under the task's per-dimension mean and std)")
 
 
 class EvalConfig(_Section):
@@ -210,6 +227,21 @@ class Config(_Section):
     ddas: DDASConfig = Field(default_factory=DDASConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _check_single_pass(self) -> "Config":
+        """ddas.feature=block reads the CLS token entering the first adapted image block: that block must exist
+        and come after block 0 (the CLS token entering block 0 is the same for every image)."""
+        if self.ddas.feature != "block" or not self.ddas.enabled or self.train.method != "moe-adapters":
+            return self
+        if self.ddas.kind != "clip":
+            raise ValueError(f"ddas.feature=block needs ddas.kind=clip (got {self.ddas.kind!r})")
+        if self.moe.towers == "text":
+            raise ValueError("ddas.feature=block reads an adapted image block, but moe.towers=text adapts none")
+        if self.moe.image_blocks == "all" or min(self.moe.image_blocks) == 0:
+            raise ValueError(f"ddas.feature=block with moe.image_blocks={self.moe.image_blocks!r}: the first adapted "
+                             "image block must come after block 0, e.g. moe.image_blocks=[6,7,8,9,10,11] for ViT-B/16")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

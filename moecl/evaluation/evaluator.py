@@ -16,6 +16,7 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from ..data import TaskInfo, check_eval_count, eval_batches, fill_template
 from ..ddas import DDASSelector
+from ..ddas.block import is_single_pass, single_pass
 
 from ..routes import ZERO_SHOT
 from .frozen import FrozenCache, SetFeatures
@@ -214,13 +215,23 @@ class Evaluator:
             n = images.shape[0]
             self.work.decoded += n
             with self.autocast():
-                routes, plain = self.routes_for(images, mode, oracle_route, selector, decision)
-                self.work.plain += n
-                if bool((routes >= 0).any()) or self.collective_routes:
-                    feats = self.model.encode_image(images, routes, normalize=True).float()
-                    self.work.routed += n
+                # issue 16 single-pass layout (ddas.feature=block): DDAS decides inside the one image forward
+                one = single_pass(self.model, images, selector, decision) if mode != "oracle" else None
+                if one is not None:
+                    feats, routes, _ = one
+                    self.work.routed += n  # one forward: the shared prefix, then each image's own tail
+                    plain = None
+                    if zero_shot:
+                        plain = self.model.encode_image(images, ZERO_SHOT, normalize=True).float()
+                        self.work.plain += n
                 else:
-                    feats = plain
+                    routes, plain = self.routes_for(images, mode, oracle_route, selector, decision)
+                    self.work.plain += n
+                    if bool((routes >= 0).any()) or self.collective_routes:
+                        feats = self.model.encode_image(images, routes, normalize=True).float()
+                        self.work.routed += n
+                    else:
+                        feats = plain
             self._score(result, labels, feats, routes, targets, label_offset)
             if zero_shot:
                 self._score_zero_shot(result, labels, plain, targets, label_offset)
@@ -279,7 +290,8 @@ class Evaluator:
                      trained: int = 0, label_offset: int = 0, zero_shot: bool = False) -> list[SetResult]:
         """One test set in every mode (one :class:`SetResult` per mode, in order). ``zero_shot``: the first
         mode's result also counts the untouched backbone's hits."""
-        if self.frozen is None:
+        if self.frozen is None or any(m.kind != "oracle" and is_single_pass(m.selector) for m in modes):
+            # each mode on its own (the single-pass layout routes inside its one forward: nothing to share)
             return [self.evaluate(task, labels, mode=m.kind, oracle_route=m.oracle_route, selector=m.selector,
                                   decision=m.decision, label_offset=label_offset, split=split, trained=trained,
                                   zero_shot=zero_shot and k == 0) for k, m in enumerate(modes)]

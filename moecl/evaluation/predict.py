@@ -156,6 +156,15 @@ class Predictor:
             errors = mode.selector.errors(images if getattr(mode.selector, "reads_images", False) else plain)
         return routes, plain, errors
 
+    def _single_pass(self, images: torch.Tensor):
+        """(features, routes, DDAS errors) from one forward when the run's selector reads the first adapted
+        image block (ddas.feature=block); None otherwise."""
+        sel, run = self.run.selector, self.run
+        if not run.method.ddas or not run.cfg.ddas.enabled or sel is None:
+            return None
+        from ..ddas.block import single_pass
+        return single_pass(run.model, images, sel, "sample")
+
     # ---- prediction --------------------------------------------------------------------------------------
     def _load(self, image: ImageInput) -> tuple[torch.Tensor, str]:
         return _load_image(image, self.tf)
@@ -218,12 +227,17 @@ class Predictor:
                 continue
             x = torch.stack([t for t, _ in loaded]).to(run.device)
             with run.autocast():
-                routes, plain, errors = self.routes(x, task)
-                feats = plain
-                routed = (routes >= 0).nonzero().flatten()
-                if routed.numel():  # the adapted forward only for the routed images
-                    feats = plain.clone()
-                    feats[routed] = model.encode_image(x[routed], routes[routed], normalize=True).float()
+                # issue 16 single-pass layout (ddas.feature=block): DDAS decides inside the one image forward
+                one = self._single_pass(x) if task is None else None
+                if one is not None:
+                    feats, routes, errors = one
+                else:
+                    routes, plain, errors = self.routes(x, task)
+                    feats = plain
+                    routed = (routes >= 0).nonzero().flatten()
+                    if routed.numel():  # the adapted forward only for the routed images
+                        feats = plain.clone()
+                        feats[routed] = model.encode_image(x[routed], routes[routed], normalize=True).float()
             rows: list[Optional[dict[str, Any]]] = [None] * len(loaded)
             for r in routes.unique().tolist():
                 idx = (routes == r).nonzero().flatten()

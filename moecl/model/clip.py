@@ -108,9 +108,24 @@ def _scalars_to_buffers(clip: nn.Module) -> None:
             clip.register_buffer(name, p.detach().clone())
 
 
-def _adapt_blocks(transformer: nn.Module, make_adapter, slot: RouteSlot) -> nn.ModuleList:
+def block_ids(blocks, depth: int, key: str) -> list[int]:
+    """The 0-based block indices a ``moe.image_blocks`` / ``moe.text_blocks`` value names in a tower of ``depth``
+    blocks, sorted ("all": every block)."""
+    if blocks == "all":
+        return list(range(depth))
+    too_deep = [b for b in blocks if b >= depth]
+    if too_deep:
+        from ..config import ConfigError
+        raise ConfigError(f"moe.{key}={list(blocks)} names block(s) {too_deep}, but this tower has {depth} blocks "
+                          f"(0..{depth - 1})")
+    return sorted(blocks)
+
+
+def _adapt_blocks(transformer: nn.Module, make_adapter, slot: RouteSlot, ids: list[int]) -> nn.ModuleList:
+    """Adapters beside the MLP of the blocks ``ids`` (in that order); the other blocks stay untouched."""
     adapters = nn.ModuleList()
-    for block in transformer.resblocks:
+    for i in ids:
+        block = transformer.resblocks[i]
         dim = block.ln_2.normalized_shape[0] if hasattr(block.ln_2, "normalized_shape") else block.mlp.c_fc.in_features
         adapter = make_adapter(dim)
         block.mlp = AdaptedMLP(block.ln_2, block.mlp, block.ls_2, adapter, slot)
@@ -140,10 +155,13 @@ class MoECLIP(nn.Module):
         else:
             make = None
         towers = moe_cfg.towers
-        self.image_sites = _adapt_blocks(clip.visual.transformer, make, self.image_slot) \
-            if make and towers in ("both", "image") else nn.ModuleList()
-        self.text_sites = _adapt_blocks(text_tf, make, self.text_slot) \
-            if make and towers in ("both", "text") else nn.ModuleList()
+        image_on, text_on = bool(make) and towers in ("both", "image"), bool(make) and towers in ("both", "text")
+        # block index of each site (plain lists, not state): moe.image_blocks / moe.text_blocks, default all
+        self.image_block_ids = block_ids(moe_cfg.image_blocks, len(clip.visual.transformer.resblocks),
+                                         "image_blocks") if image_on else []
+        self.text_block_ids = block_ids(moe_cfg.text_blocks, len(text_tf.resblocks), "text_blocks") if text_on else []
+        self.image_sites = _adapt_blocks(clip.visual.transformer, make, self.image_slot, self.image_block_ids)
+        self.text_sites = _adapt_blocks(text_tf, make, self.text_slot, self.text_block_ids)
         if clip.visual.transformer.grad_checkpointing or model_cfg.grad_checkpointing:
             clip.set_grad_checkpointing(True)
 
@@ -180,11 +198,17 @@ class MoECLIP(nn.Module):
         for site in self.moe_sites():
             site.gate.eval_noise = bool(on)
 
+    def named_sites(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(tower.block, adapter)`` for every adapted block, named by the block's index in its tower."""
+        for tower, sites, ids in (("image", self.image_sites, self.image_block_ids),
+                                  ("text", self.text_sites, self.text_block_ids)):
+            for i, site in zip(ids, sites):
+                yield f"{tower}.{i}", site
+
     def named_moe_sites(self) -> Iterator[tuple[str, MoEAdapter]]:
-        for tower, sites in (("image", self.image_sites), ("text", self.text_sites)):
-            for i, site in enumerate(sites):
-                if isinstance(site, MoEAdapter):
-                    yield f"{tower}.{i}", site
+        for name, site in self.named_sites():
+            if isinstance(site, MoEAdapter):
+                yield name, site
 
     def frozen_experts(self) -> dict[str, list[int]]:
         return {name: site.frozen.nonzero().flatten().tolist() for name, site in self.named_moe_sites()}
@@ -249,6 +273,19 @@ class MoECLIP(nn.Module):
         with self.image_slot.use(route, persist=self._checkpointing()):
             features = self.clip.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def image_token(self, images: torch.Tensor) -> torch.Tensor:
+        """The CLS token entering the first adapted image block (what a single-pass selector reads); the
+        blocks before it run, the rest does not (moecl.model.single_pass)."""
+        from .single_pass import image_token
+        return image_token(self, images)
+
+    def encode_image_selected(self, images: torch.Tensor, choose, normalize: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward whose routes ``choose`` picks from the CLS token entering the first adapted image block:
+        the blocks before it run once for every route. Returns (features, routes) (moecl.model.single_pass)."""
+        from .single_pass import encode_image_selected
+        return encode_image_selected(self, images, choose, normalize)
 
     def encode_text(self, tokens: torch.Tensor, task_ids: TaskIds = -1, normalize: bool = False) -> torch.Tensor:
         """Text features of ``tokens`` [C, n]: the full context, or fewer tokens as :meth:`trim_prompts` gives."""

@@ -48,8 +48,7 @@ def adapter_state(model: MoECLIP) -> tuple[dict[str, torch.Tensor], dict[str, An
             tensors[f"{name}.noise.{t}"] = n.detach().cpu().contiguous()
         tensors[f"{name}.counts"] = site.reduced_counts().cpu()  # summed over ranks (collective)
         tensors[f"{name}.frozen"] = site.frozen.cpu().to(torch.uint8)
-    dense = [(f"{tower}.{i}", s) for tower, sites in (("image", model.image_sites), ("text", model.text_sites))
-             for i, s in enumerate(sites) if isinstance(s, DenseAdapter)]
+    dense = [(name, s) for name, s in model.named_sites() if isinstance(s, DenseAdapter)]
     for name, site in dense:
         for k, v in site.state_dict().items():
             tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
@@ -68,8 +67,9 @@ def apply_adapter_state(model: MoECLIP, tensors: dict[str, torch.Tensor], meta: 
     """Put an adapter state (as :func:`adapter_state` made it, at any ep_size) into ``model``: adds tasks as
     needed; returns the metadata. Files: :mod:`moecl.runstate.adapters`."""
     if strict_config:
-        for key in ("num_experts", "top_k", "width", "towers", "routing", "shared_router"):
-            saved, ours = meta["moe"].get(key), getattr(model.moe_cfg, key)
+        for key in ("num_experts", "top_k", "width", "towers", "routing", "shared_router", "image_blocks",
+                    "text_blocks"):
+            saved, ours = meta["moe"].get(key, "all" if key.endswith("_blocks") else None), getattr(model.moe_cfg, key)
             if saved != ours:
                 raise CheckpointError(f"adapter state has moe.{key}={saved!r} but the model has {ours!r}; "
                                       "use the run's own config")
@@ -90,8 +90,7 @@ def apply_adapter_state(model: MoECLIP, tensors: dict[str, torch.Tensor], meta: 
             site.counts.copy_(tensors[f"{name}.counts"] if is_writer() else torch.zeros_like(site.counts))
             site.frozen.copy_(tensors[f"{name}.frozen"].bool())
             site.apply_frozen()
-        for tower, sites in (("image", model.image_sites), ("text", model.text_sites)):
-            for i, s in enumerate(sites):
-                if isinstance(s, DenseAdapter):
-                    s.load_state_dict({k: tensors[f"{tower}.{i}.{k}"] for k in s.state_dict()})
+        for name, s in model.named_sites():
+            if isinstance(s, DenseAdapter):
+                s.load_state_dict({k: tensors[f"{name}.{k}"] for k in s.state_dict()})
     return meta

@@ -19,7 +19,7 @@ import yaml
 from ..config import Config, check_batch_fits, check_per_task
 from ..data import (Sequence, data_options, eval_batches, fill_template, load_sequence, make_transforms,
                     train_batches)
-from ..ddas import DDASSelector, fit_autoencoder
+from ..ddas.block import fit_scorer, new_selector, selector_input  # issue 16: ddas.feature / ddas.scorer
 from ..errors import CheckpointError, MoeclError
 from ..folder_lock import FolderLock
 from ..methods import Method, get_method
@@ -196,7 +196,7 @@ class ContinualTrainer:
         pcfg = getattr(self.model.clip.visual, "preprocess_cfg", {}) or {}
         self.train_tf, self.eval_tf = make_transforms(image_size_of(self.model.clip), cfg.data.train_crop_scale,
                                                       mean=pcfg.get("mean"), std=pcfg.get("std"))
-        self.selector = DDASSelector()
+        self.selector = new_selector(cfg, self.model)
         if cfg.ddas.kind == "reference" and self.method.ddas and cfg.ddas.enabled:
             from ..ddas.reference import ReferenceSelector, load_alexnet_features
             self.selector = ReferenceSelector(load_alexnet_features(cfg.ddas.alexnet_weights)).to(self.device)
@@ -627,7 +627,7 @@ class ContinualTrainer:
         self.model.eval()
         for images, labels, _ in stream:
             with self.autocast():
-                f = self.model.encode_image(images.to(self.device), -1, normalize=True).float()
+                f = selector_input(self.selector, self.model, images.to(self.device)).float()
             feats.append(f[labels.to(self.device) >= 0].cpu())
         local = torch.cat(feats) if feats else torch.zeros(0, self.model.clip.visual.output_dim)
         if self.info.world_size == 1:
@@ -641,7 +641,7 @@ class ContinualTrainer:
             return self._fit_reference_ddas(t, task)
         feats = self._image_features(task, "train", self.cfg.ddas.max_images)
         self.faults.at("ddas", t)
-        ae, stats = fit_autoencoder(feats, self.cfg.ddas, seed=stable_seed(self.cfg.train.seed, "ddas", t))
+        ae, stats = fit_scorer(feats, self.cfg.ddas, seed=stable_seed(self.cfg.train.seed, "ddas", t))
         threshold = stats.threshold
         self.selector.add_task(ae, threshold)
         info = stats.as_dict() if hasattr(stats, "as_dict") else {"threshold": threshold}
