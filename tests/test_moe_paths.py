@@ -73,3 +73,26 @@ def test_gathered_path_equals_deepspeed_dispatch(train, single, aux_weight):
     if train:
         assert torch.equal(c1, c2) and int(c1.sum()) == 2 * 9
     assert abs(a1 - a2) < 1e-6
+
+
+@pytest.mark.parametrize("gathered", [True, False])
+def test_both_paths_route_with_the_gate_logits_method(gathered, monkeypatch):
+    """One definition of the routing logits: a change to ``TaskRouterGate.logits`` reaches both paths."""
+    from moecl.model.gate import TaskRouterGate
+    site = _site()
+    site.train(True)
+    original = TaskRouterGate.logits
+    calls = []
+
+    def reversed_preference(self, features, task_ids, single_task=None):
+        calls.append(features.shape[0])
+        return -original(self, features, task_ids, single_task)
+
+    x = torch.randn(9, 5, 32, generator=torch.Generator().manual_seed(5))
+    ids = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
+    before = _run(site, gathered, x, x[:, 0], ids, None)
+    counts = site.counts.clone()
+    monkeypatch.setattr(TaskRouterGate, "logits", reversed_preference)
+    after = _run(site, gathered, x, x[:, 0], ids, None)
+    assert calls == [9]
+    assert not torch.equal(site.counts, counts) and not torch.allclose(before, after)

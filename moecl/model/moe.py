@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import MoEConfig
 from .experts import AdapterExpert, GroupedExperts
-from .gate import RouteInput, TaskRouterGate, noisy_logits, task_logits
+from .gate import RouteInput, TaskRouterGate
 
 
 def _in_backward() -> bool:
@@ -172,12 +172,7 @@ class MoEAdapter(MoE):
         marks the rows that take the adapters (the others get gate 0: an exactly zero output)."""
         gate = self.gate
         b, length, d = x.shape
-        ids, single = (torch.zeros_like(task_ids), 0) if gate.shared_router else (task_ids, single_task)
-        clean = task_logits(route_tokens, list(gate.routers), ids, single)
-        logits = clean
-        if gate.noisy:
-            logits = noisy_logits(clean, task_logits(route_tokens, list(gate.noise), ids, single), gate.noise_eps)
-        probs = logits.softmax(dim=1)
+        probs = gate.logits(route_tokens, task_ids, single_task).softmax(dim=1)
         top, idx = probs.topk(gate.k, dim=1)  # [B, k], as DeepSpeed's topkgating selects
         g = top / top.sum(dim=1, keepdim=True).clamp(min=torch.finfo(top.dtype).eps)
         mask = torch.zeros_like(probs).scatter_(1, idx, 1.0)
