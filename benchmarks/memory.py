@@ -1,9 +1,9 @@
 """(e) Peak memory of training, one fresh process per variant.
 
-    python benchmarks/memory.py --model ViT-B-16-quickgelu --batch 64 --classes 100 --precision bf16
-    python benchmarks/memory.py --model ViT-L-14 --batch 64 --variants moecl,moecl+ckpt,floor
+    python -m benchmarks.memory --model ViT-B-16-quickgelu --batch 64 --classes 100 --precision bf16
+    python -m benchmarks.memory --model ViT-L-14 --batch 64 --variants moecl,moecl+ckpt,floor
 
-Each variant (same names as train_step.py: moecl, floor, gather, moecl+ckpt, ...) runs ``--steps`` training
+Each variant (same names as train_step.py: moecl, floor, moecl+ckpt, floor+ckpt) runs ``--steps`` training
 steps in its own child process, so nothing of another variant is resident:
 - GPU: ``torch.cuda.max_memory_allocated`` over the steps (weights, activations, gradients, AdamW state:
   the figure the targets are about), and ``max_memory_reserved`` (what the caching allocator held).
@@ -17,18 +17,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import common  # noqa: E402
+from . import common
 
 
 def worker(args) -> None:
-    import train_step
+    from . import train_step
     ctx = common.setup(args)
     common.quiet()
     model, params, precision = train_step.make_variant(args.worker, args, ctx)
@@ -83,11 +79,11 @@ def main() -> None:
         i = child_argv.index("--out")
         del child_argv[i:i + 2]
     for name in names:
-        cmd = [sys.executable, __file__, *child_argv, "--worker", name]
+        cmd = [sys.executable, "-m", "benchmarks.memory", *child_argv, "--worker", name]
         print(f"  {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         env = {k: v for k, v in os.environ.items()  # the child makes its own world of one
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=common.ROOT)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MEM ")), None)
         if proc.returncode or line is None:
             tail = "\n".join((proc.stderr or "").strip().splitlines()[-6:])

@@ -1,6 +1,6 @@
 """Dispatched operators and host synchronisations per training step: a GPU-relevant figure a CPU can measure.
 
-    python benchmarks/step_ops.py --model moecl-small --batch 64 --classes 20 [--variants moecl,floor,reference]
+    python -m benchmarks.step_ops --model moecl-small --batch 64 --classes 20 [--variants moecl,floor,reference]
 
 The step is ``train_step.py``'s (forward of both towers, CLIP loss, backward, AdamW; here the optimizer is
 the fused AdamW on every device, one operator per parameter group). A ``TorchDispatchMode`` sees every
@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import collections
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-import common  # noqa: E402
-import train_step  # noqa: E402
+from . import common, train_step
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "bincount", "_unique", "_unique2", "unique_dim",
             "unique_consecutive", "masked_select", "repeat_interleave", "nonzero_numpy"}

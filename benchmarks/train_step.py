@@ -1,6 +1,6 @@
 """(a) + (b): one full training step of moecl's MoE-adapters vs the floor and vs the published path.
 
-    python benchmarks/train_step.py --model ViT-B-16-quickgelu --batch 64 --classes 100 --precision bf16 \
+    python -m benchmarks.train_step --model ViT-B-16-quickgelu --batch 64 --classes 100 --precision bf16 \
         [--variants moecl,floor,reference] [--routing random|concentrated] [--out FILE]
 
 A step = image tower on the batch + adapted text tower on ``--classes`` prompts (every step, as in
@@ -8,13 +8,14 @@ training, so the text adapters train) -> CLIP logits -> cross-entropy (label smo
 through the frozen backbone's activations -> AdamW step on the trainable parameters only.
 
 Variants (all built in this one process, timed in interleaved rounds):
-  moecl            MoE-adapters as moecl builds them (DeepSpeed MOELayer, TaskRouterGate, GroupedExperts)
+  moecl            MoE-adapters as moecl builds and trains them (MoEAdapter's gathered path at ep_size 1)
   floor            the same backbone with one dense adapter per block (method="dense-adapter")
   reference        the published path re-implemented from METHOD.md (benchmarks/reference_path.py), fp32
                    (``--ref-precision same`` runs it at ``--precision`` instead)
-  gather           moecl with the gathered-weight experts prototype (benchmarks/prototypes.py)
-  moecl+trim, floor+trim, gather+trim   ... with class prompts trimmed to the longest prompt (prototype)
-  moecl+ckpt, floor+ckpt                 ... with route-safe activation checkpointing (prototype)
+  moecl+ckpt, floor+ckpt   ... with activation checkpointing of every block (model.grad_checkpointing)
+
+Prompts are trimmed to the longest prompt's EOT token once (``MoECLIP.trim_prompts``, as the trainer does);
+``--full-context`` encodes all 77 positions instead.
 
 ``--routing random``: routers as after init + small random weights (routes spread over experts, as at the
 start of a task); ``concentrated``: every router strongly prefers experts 0 and 1 (a trained task router;
@@ -27,16 +28,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from . import common
 
-import common  # noqa: E402
-import prototypes  # noqa: E402
-
-ALL = ["moecl", "floor", "reference", "reference-same", "gather", "moecl+trim", "floor+trim", "gather+trim",
-       "moecl+ckpt", "floor+ckpt"]
+ALL = ["moecl", "floor", "reference", "reference-same", "moecl+ckpt", "floor+ckpt"]
 
 
 def add_flags(p) -> None:
@@ -64,7 +61,7 @@ def capture_route_tokens(model, images, tokens, ctx) -> dict[int, torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     hooks = []
     def hook(mod, args):  # must return None (a pre-hook's return value would replace the arguments)
-        seen.setdefault(id(getattr(mod, "site", mod)), args[1].detach().float())  # prototypes wrap the site
+        seen.setdefault(id(mod), args[1].detach().float())
 
     from moecl.model.backbone import text_towers
     for transformer in (model.clip.visual.transformer, text_towers(model.clip)[1]):
@@ -123,29 +120,23 @@ def dispatch_padding(model) -> float | None:
 
 def make_variant(name: str, args, ctx):
     """(model, trainable params, precision of this variant)."""
-    import reference_path
+    from . import reference_path
     base, _, opt = name.partition("+")
     precision = ctx.precision
-    if base in ("moecl", "gather"):
-        model = common.build(args, ctx, "moe-adapters")
-        params = model.trainable_parameters(0)
-        if base == "gather":
-            prototypes.use_gathered_experts(model)
-    elif base == "floor":
-        model = common.build(args, ctx, "dense-adapter")
+    if opt not in ("", "ckpt"):
+        raise SystemExit(f"unknown variant option {opt!r} in {name!r}")
+    ckpt = opt == "ckpt"
+    if base in ("moecl", "floor"):
+        model = common.build(args, ctx, "moe-adapters" if base == "moecl" else "dense-adapter", grad_checkpointing=ckpt)
         params = model.trainable_parameters(0)
     elif base in ("reference", "reference-same"):
         model, params = reference_path.build_reference(args, ctx)
         if base == "reference" and args.ref_precision == "fp32":
             precision = "fp32"
+        if ckpt:
+            raise SystemExit(f"{name!r}: the published path has no checkpointing variant")
     else:
         raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(ALL)}")
-    if opt == "trim":
-        prototypes.trim_text_context(model)
-    elif opt == "ckpt":
-        prototypes.route_safe_checkpointing(model)
-    elif opt:
-        raise SystemExit(f"unknown variant option {opt!r} in {name!r}")
     return model, params, precision
 
 
