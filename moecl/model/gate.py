@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate, topkgating
 from torch import nn
 
+from .. import compat
+
 
 @dataclass
 class RouteInput:
@@ -85,9 +87,8 @@ class TaskRouterGate(TopKGate):
     def router_index(self, task: int) -> int:
         return 0 if self.shared_router else task
 
-    def _set_ep_group(self, ep_group) -> None:
-        # DeepSpeed asserts on a second call; we build one engine per task, so the same group is set again.
-        self.ep_group = ep_group
+    def _set_ep_group(self, ep_group) -> None:  # (DeepSpeed's asserts on a second call: one engine per task)
+        compat.set_gate_ep_group(self, ep_group)
 
     def logits(self, features: torch.Tensor, task_ids: torch.Tensor,
                single_task: Optional[int] = None) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
+from .. import compat
 from ..config import Config, check_batch_fits
 from ..data import (Sequence, data_options, eval_batches, fill_template, load_sequence, make_transforms,
                     train_batches)
@@ -919,7 +920,7 @@ class ContinualTrainer:
             total = sum(len(g["params"]) for g in optimizer.param_groups)
             if self.is_main:
                 log.info("optimizer state re-sharded by parameter name: %d of %d parameters restored", restored, total)
-        elif hasattr(optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: a list indexed by data-parallel rank
+        elif compat.optimizer_loads_every_rank(optimizer):  # ZeRO 1/2: a list indexed by data-parallel rank
             optimizer.load_state_dict([ckpt.load_nested(path, f"optimizer-rank{r}")
                                        for r in range(self.info.world_size)])
         else:
