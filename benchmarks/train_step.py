@@ -12,7 +12,10 @@ Variants (all built in this one process, timed in interleaved rounds):
   floor            the same backbone with one dense adapter per block (method="dense-adapter")
   reference        the published path re-implemented from METHOD.md (benchmarks/reference_path.py), fp32
                    (``--ref-precision same`` runs it at ``--precision`` instead)
-  moecl+ckpt, floor+ckpt   ... with activation checkpointing of every block (model.grad_checkpointing)
+  moecl+ckpt, floor+ckpt   ... with activation checkpointing of every block (model.grad_checkpointing: torch's
+                           non-reentrant checkpoint, as open_clip applies it)
+  moecl+fsckpt, floor+fsckpt   ... with fairscale's checkpoint_wrapper on every block instead (activations
+                           offloaded to the host on CUDA), the alternative the model does not ship
 
 Prompts are trimmed to the longest prompt's EOT token once (``MoECLIP.trim_prompts``, as the trainer does);
 ``--full-context`` encodes all 77 positions instead.
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 from . import common
 
-ALL = ["moecl", "floor", "reference", "reference-same", "moecl+ckpt", "floor+ckpt"]
+ALL = ["moecl", "floor", "reference", "reference-same", "moecl+ckpt", "floor+ckpt", "moecl+fsckpt", "floor+fsckpt"]
 
 
 def add_flags(p) -> None:
@@ -123,7 +126,7 @@ def make_variant(name: str, args, ctx):
     from . import reference_path
     base, _, opt = name.partition("+")
     precision = ctx.precision
-    if opt not in ("", "ckpt"):
+    if opt not in ("", "ckpt", "fsckpt"):
         raise SystemExit(f"unknown variant option {opt!r} in {name!r}")
     ckpt = opt == "ckpt"
     if base in ("moecl", "floor"):
@@ -133,11 +136,25 @@ def make_variant(name: str, args, ctx):
         model, params = reference_path.build_reference(args, ctx)
         if base == "reference" and args.ref_precision == "fp32":
             precision = "fp32"
-        if ckpt:
+        if opt:
             raise SystemExit(f"{name!r}: the published path has no checkpointing variant")
     else:
         raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(ALL)}")
+    if opt == "fsckpt":
+        fairscale_checkpointing(model, offload=ctx.cuda)
     return model, params, precision
+
+
+def fairscale_checkpointing(model, offload: bool) -> None:
+    """fairscale's ``checkpoint_wrapper`` on every residual block of both towers (``offload``: keep the saved
+    block inputs in host memory). The model's routes must outlive the encode call, as under its own
+    checkpointing: the blocks are re-run in the backward."""
+    from fairscale.nn.checkpoint import checkpoint_wrapper
+    from moecl.model.backbone import text_towers
+    for transformer in (model.clip.visual.transformer, text_towers(model.clip)[1]):
+        for block in transformer.resblocks:
+            checkpoint_wrapper(block, offload_to_cpu=offload)
+    model._checkpointing = torch.is_grad_enabled  # keep each call's route for the recomputation
 
 
 def run(args, bench: str = "train_step") -> dict:
