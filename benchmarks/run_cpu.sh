@@ -61,17 +61,14 @@ if want inference; then  # (d) DDAS + routed forward vs plain zero-shot
     --out $R/cpu_inference_vitb16.json
 fi
 
-if want memory; then  # (e) CPU peak RSS delta per variant (not GPU memory)
+if want memory; then  # CPU peak RSS delta per variant (not GPU memory)
   run $PY -m benchmarks.memory $T --model moecl-small --batch 64 --classes 20 --steps 2 \
     --variants moecl,floor,moecl+ckpt,floor+ckpt --out $R/cpu_memory_small.json
-  run $PY -m benchmarks.memory $T --model moecl-small --batch 64 --classes 20 --steps 2 --routing concentrated \
-    --variants moecl,floor --out $R/cpu_memory_small_concentrated.json
-  run $PY -m benchmarks.memory $T --model ViT-B-16-quickgelu --batch 4 --classes 10 --steps 1 \
-    --variants moecl,floor,moecl+ckpt --out $R/cpu_memory_vitb16.json
-  for b in 2 4; do  # slope per image with and without checkpointing (issue 17)
-    run $PY -m benchmarks.memory $T --model ViT-B-16-quickgelu --batch $b --classes 10 --steps 1 \
-      --variants moecl,moecl+ckpt,floor --out $R/cpu_memory_vitb16_b${b}_ckpt.json
-  done
+  # issue 17 item 5: per-image slope with and without checkpointing (torch vs fairscale), projected to batch 64
+  run $PY -m benchmarks.memory $T --model ViT-B-16-quickgelu --classes 10 --steps 2 --batches 1,2,4 \
+    --variants moecl,moecl+ckpt,moecl+fsckpt,floor --out $R/cpu_memory_vitb16_slope.json
+  run $PY -m benchmarks.memory $T --model ViT-L-14 --classes 10 --steps 2 --batches 1,2 \
+    --variants moecl,moecl+ckpt,moecl+fsckpt --out $R/cpu_memory_vitl14_slope.json
 fi
 
 if want ep; then  # expert parallelism: ep_size 1 vs 2 over two gloo ranks
