@@ -10,7 +10,9 @@ steps in its own child process, so nothing of another variant is resident:
   the figure the targets are about), and ``max_memory_reserved`` (what the caching allocator held).
 - CPU: there is no allocator counter, so the figure is the process's peak resident set (VmHWM, reset with
   /proc/self/clear_refs after the model is built) minus its RSS after the model is built: activations +
-  gradients + optimizer state + allocator slack. It is labelled "CPU peak RSS delta" and is NOT a GPU figure.
+  gradients + optimizer state + allocator slack, with glibc told to map every allocation of 64 KiB or more on
+  its own (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident set. It is labelled "CPU peak
+  RSS delta" and is NOT a GPU figure.
 """
 from __future__ import annotations
 
@@ -67,6 +69,10 @@ def _child(name: str, batch: int, child_argv: list[str]) -> dict:
     print(f"  {name} batch {batch}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     env = {k: v for k, v in os.environ.items()  # the child makes its own world of one
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    # CPU: every allocation of 64 KiB or more its own mapping, returned to the OS when freed, so the peak RSS
+    # follows the live tensors (glibc's adaptive threshold would otherwise keep freed gradients resident and
+    # let the next step's activations reuse them unseen)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=common.ROOT)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MEM ")), None)
     if proc.returncode or line is None:
