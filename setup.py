@@ -21,7 +21,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
-        "deepspeed>=0.16",
+        "deepspeed>=0.19.4,<0.20",  # 0.19.4: sparse MoE routes, 7-tuple gate; moecl/compat.py checks it at import
         "open_clip_torch>=2.26",
         "webdataset>=0.2.90",
         "fairscale>=0.4.13",

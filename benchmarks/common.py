@@ -23,10 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 SOT, EOT = 49406, 49407  # open_clip's start / end-of-text token ids
 

@@ -1,6 +1,6 @@
 """Data throughput: shard writing and streaming (decode + augment) at 224 px and 32 px, images/s per worker.
 
-    python benchmarks/data_throughput.py [--images-224 N] [--images-32 N] [--workers 0,1,2] [--json FILE]
+    python -m benchmarks.data_throughput [--images-224 N] [--images-32 N] [--workers 0,1,2] [--json FILE]
 
 Writes a throwaway dataset in a temporary folder (photo-like 320x240 JPEGs for the 224 px case, the
 synthetic world's 32 px PNGs for the 32 px case), times ``data_tools`` shard writing and
@@ -22,13 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from data_tools.synthetic import render  # noqa: E402
-from data_tools.taskfile import write_task  # noqa: E402
-from data_tools.writer import Item, WriteOptions, write_split  # noqa: E402
-from moecl.data import eval_batches, make_transforms, read_task, train_batches  # noqa: E402
+from data_tools.synthetic import render
+from data_tools.taskfile import write_task
+from data_tools.writer import Item, WriteOptions, write_split
+from moecl.data import eval_batches, make_transforms, read_task, train_batches
 
 
 def _photo(i: int) -> bytes:

@@ -1,6 +1,6 @@
 """Expert parallelism, on paper: all-to-all bytes vs compute per training step, for this model.
 
-    python benchmarks/ep_model.py [--batch 64] [--classes 100] [--step-ms 45] [--out FILE]
+    python -m benchmarks.ep_model [--batch 64] [--classes 100] [--step-ms 45] [--out FILE]
 
 Defaults: ViT-B/16 (image: 197 tokens, d=768, 12 blocks; text: 77 tokens, d=512, 12 blocks), 22 experts,
 top-2, adapter r=64, bf16 activations, batch 64 images per rank and 100 class prompts per step (the text

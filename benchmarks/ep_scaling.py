@@ -1,7 +1,7 @@
 """Expert parallelism on the CPU: a training step at ep_size 1 vs ep_size 2 (both moe.ep_mode), two data-parallel
 ranks each.
 
-    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/ep_scaling.py \
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m benchmarks.ep_scaling \
         --model moecl-small --batch 64 --classes 20 --threads 1 [--out FILE]
 
 Both models live in the same two processes (gloo) and are timed in interleaved rounds. Each step goes
@@ -22,14 +22,11 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import common  # noqa: E402
+from . import common
 
 COUNTS: dict[str, float] = defaultdict(float)
 CURRENT = {"tag": None, "depth": 0}

@@ -1,6 +1,6 @@
 """(d) Task-agnostic inference: per-sample DDAS + routed forward vs plain CLIP zero-shot, images/s.
 
-    python benchmarks/inference.py --model ViT-B-16-quickgelu --batch 256 --tasks 11 --precision bf16
+    python -m benchmarks.inference --model ViT-B-16-quickgelu --batch 256 --tasks 11 --precision bf16
 
 One evaluation batch through each path (text heads are built once beforehand, as the evaluator caches
 them; only image work is timed):
@@ -15,21 +15,17 @@ them; only image work is timed):
                    evaluator then skips the routed forward
   ddas-half-subset prototype: the routed forward only on the routed rows (zero-shot rows reuse the
                    plain features), not on the whole batch
-  oracle-gather, ddas-in-gather   prototype: the same with the gathered-weight experts (prototypes.py)
 The autoencoders are random (fitting them does not change their cost); so are the routers and experts.
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
+from . import common
 
-import common  # noqa: E402
-
-ALL = ["plain", "oracle", "ddas-in", "ddas-half", "ddas-out", "ddas-half-subset", "oracle-gather", "ddas-in-gather"]
+ALL = ["plain", "oracle", "ddas-in", "ddas-half", "ddas-out", "ddas-half-subset"]
 
 
 def main() -> None:
@@ -42,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
     ctx = common.setup(args)
     common.quiet()
-    import train_step
+    from . import train_step
     from moecl.ddas import DDASSelector, TaskAutoencoder
     from moecl.ddas.selector import ZERO_SHOT
 
@@ -73,14 +69,6 @@ def main() -> None:
 
     def set_thresholds(kind: str) -> None:
         selector.thresholds = thresholds[kind].to(ctx.device, torch.float32)
-
-    gathered = None
-    if any(n.endswith("-gather") for n in args.variants.split(",")):
-        import prototypes
-        gathered = common.build(args, ctx, "moe-adapters", tasks=args.tasks)  # a twin with the same weights
-        gathered.load_state_dict(model.state_dict())
-        prototypes.use_gathered_experts(gathered)
-        gathered.eval()
 
     def classify(feats, routes):
         preds = torch.empty(feats.shape[0], dtype=torch.long, device=feats.device)
@@ -119,9 +107,6 @@ def main() -> None:
 
     table = {"plain": plain, "oracle": oracle, "ddas-in": ddas("in"), "ddas-half": ddas("half"),
              "ddas-out": ddas("out"), "ddas-half-subset": ddas("half", subset=True)}
-    if gathered is not None:
-        table["oracle-gather"] = lambda: oracle(gathered)
-        table["ddas-in-gather"] = ddas("in", m=gathered)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for n in names:
         if n not in table:

@@ -1,14 +1,16 @@
 """(c) One MoE-adapter layer, forward + backward on [B, L, d]: moecl vs DeepSpeed's stock per-token MoE.
 
-    python benchmarks/moe_layer.py --batch 256 --tokens 197 --dim 768 --experts 22 --top-k 2 --precision bf16
+    python -m benchmarks.moe_layer --batch 256 --tokens 197 --dim 768 --experts 22 --top-k 2 --precision bf16
 
 Variants (same shapes, same expert module, same k, nothing dropped, one process, interleaved rounds):
-  moecl         moecl's MoEAdapter: per-sample routing (router reads token 0), GroupedExperts (one bmm)
+  moecl         moecl's MoEAdapter: per-sample routing (router reads token 0), the gathered path (each
+                sample's k adapters as two batched matmuls)
   stock         deepspeed.moe.layer.MoE(AdapterExpert, k, drop_tokens=False): per-token routing, stock
                 Experts (a Python loop over the local experts); stock defaults otherwise
   moecl-token   moecl's MoEAdapter with routing="token" (grouped experts, per-token routing): separates
                 the effect of routing granularity from that of the grouped matmul
-  gather        the gathered-weight prototype (benchmarks/prototypes.py) on moecl's parameters
+  dispatch      the same MoEAdapter through DeepSpeed's MOELayer dispatch (capacity-padded [E, C, L*d] buffer:
+                what ep_mode all-to-all, token routing and drop_tokens run)
   dense         one dense adapter on every token (the floor's layer)
 
 The input requires grad (the backward goes through the block's activations, as in training); the expert
@@ -18,23 +20,19 @@ and router parameters get gradients. ``--routing random`` (small random routers,
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
+from . import common
 
-import common  # noqa: E402
-import prototypes  # noqa: E402
-
-ALL = ["moecl", "stock", "moecl-token", "gather", "dense"]
+ALL = ["moecl", "dispatch", "stock", "moecl-token", "dense"]
 
 
 def main() -> None:
     p = common.base_parser(__doc__.split("\n\n")[0], batch=64, steps=20, warmup=3)
     p.add_argument("--tokens", type=int, default=None, help="L (default: the model's image tokens)")
     p.add_argument("--dim", type=int, default=None, help="d (default: the model's image width)")
-    p.add_argument("--variants", default="moecl,stock,moecl-token,gather,dense", help=",".join(ALL))
+    p.add_argument("--variants", default="moecl,dispatch,stock,moecl-token,dense", help=",".join(ALL))
     p.add_argument("--routing", choices=["random", "concentrated"], default="random")
     args = p.parse_args()
     ctx = common.setup(args)
@@ -77,7 +75,7 @@ def main() -> None:
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     layers, fns, info = {}, {}, {}
     for name in names:
-        if name in ("moecl", "moecl-token", "gather"):
+        if name in ("moecl", "moecl-token", "dispatch"):
             cfg = common.moe_config(args, routing="token" if name == "moecl-token" else "sample")
             layer = MoEAdapter(d, cfg)
             layer.set_deepspeed_parallelism()
@@ -86,10 +84,12 @@ def main() -> None:
             if args.routing == "concentrated":
                 feats = x0[:, 0] if name != "moecl-token" else x0.reshape(-1, d)
                 concentrate(layer.gate.routers[0], feats)
-            module = prototypes.GatheredExperts(layer) if name == "gather" else layer
-
-            def fwd(x, module=module):
-                return module(x, x[:, 0], task_ids, 0)
+            if name == "dispatch":
+                def fwd(x, layer=layer):  # every row active: DeepSpeed's MOELayer instead of the gathered path
+                    return layer._run(x, x[:, 0], task_ids, 0, torch.ones_like(task_ids, dtype=torch.bool))
+            else:
+                def fwd(x, layer=layer):
+                    return layer(x, x[:, 0], task_ids, 0)
         elif name == "stock":
             layer = MoE(hidden_size=d, expert=AdapterExpert(d, args.width), num_experts=args.experts, ep_size=1,
                         k=args.top_k, drop_tokens=False)

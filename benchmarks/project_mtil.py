@@ -1,6 +1,6 @@
 """(f) Project a full MTIL-shaped run (11 tasks x 1000 steps x batch 64 + evaluation) from measured records.
 
-    python benchmarks/project_mtil.py --train benchmarks/results/gpu_train_step_b64.json \
+    python -m benchmarks.project_mtil --train benchmarks/results/gpu_train_step_b64.json \
         --inference benchmarks/results/gpu_inference.json [--data benchmarks/results/gpu_data.json] [--out FILE]
 
 Reads JSON records written by train_step.py (step time of ``--variant``, default moecl, at the record's
@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--variant", default="moecl", help="which training variant's step time to use")
     p.add_argument("--inference", required=True, help="inference.py JSON record")
     p.add_argument("--routed-variant", default="oracle",
-                   help="inference.py variant whose images/s is the routed forward (oracle, oracle-gather)")
+                   help="inference.py variant whose images/s is the routed forward (oracle)")
     p.add_argument("--data", default=None, help="data_throughput.py JSON (line) record")
     p.add_argument("--tasks", type=int, default=11)
     p.add_argument("--steps", type=int, default=1000)

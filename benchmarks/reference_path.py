@@ -1,6 +1,6 @@
 """(b) The published MoE-adapter path, re-implemented for the benchmark from METHOD.md, vs moecl.
 
-    python benchmarks/reference_path.py --model ViT-B-16-quickgelu --batch 64 --classes 100 [--out FILE]
+    python -m benchmarks.reference_path --model ViT-B-16-quickgelu --batch 64 --classes 100 [--out FILE]
 
 The published layer (as METHOD.md describes it): per sample, the router of the batch's task reads token 0;
 Shazeer's noisy top-k gate (``clean = c @ Wg[t]``, ``+ randn * (softplus(c @ Wn[t]) + 0.01)`` in training,
@@ -13,16 +13,12 @@ This module is also imported by ``train_step.py`` (the reference is one of its v
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-import common  # noqa: E402
+from . import common
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +123,7 @@ def build_reference(args, ctx, tasks: int = 1):
 
 
 def main() -> None:
-    import train_step
+    from . import train_step
     p = common.base_parser(__doc__.split("\n\n")[0], batch=64, classes=100)
     train_step.add_flags(p)
     args = p.parse_args()

@@ -1,6 +1,6 @@
 """Dispatched operators and host synchronisations per training step: a GPU-relevant figure a CPU can measure.
 
-    python benchmarks/step_ops.py --model moecl-small --batch 64 --classes 20 [--variants moecl,floor,reference]
+    python -m benchmarks.step_ops --model moecl-small --batch 64 --classes 20 [--variants moecl,floor,reference]
 
 The step is ``train_step.py``'s (forward of both towers, CLIP loss, backward, AdamW; here the optimizer is
 the fused AdamW on every device, one operator per parameter group). A ``TorchDispatchMode`` sees every
@@ -9,6 +9,8 @@ ATen operator the step dispatches, forward and backward. Counted per step:
 - ``ops``: every ATen operator call;
 - ``kernel_ops``: those that launch work on a GPU (views, ``empty*`` allocations and other metadata-only
   operators excluded): the kernel-launch count that bounds a step at small shapes on a GPU;
+- ``gflop``: the matmul-class FLOPs of the step (``torch.utils.flop_counter``: matmuls, convolutions,
+  attention; elementwise work not counted): moecl / floor of it is the ratio's FLOP floor;
 - ``syncs``: calls that make the host wait for the device on CUDA: ``aten::_local_scalar_dense`` (what
   ``.item()``, ``bool()``, ``int()``, ``float()`` of a tensor run), ``Tensor.tolist()``, and the operators whose
   output size depends on the data (``nonzero``, ``bincount``, ``unique*``, ``masked_select``, boolean-mask
@@ -20,16 +22,12 @@ from __future__ import annotations
 
 import collections
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-import common  # noqa: E402
-import train_step  # noqa: E402
+from . import common, train_step
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "bincount", "_unique", "_unique2", "unique_dim",
             "unique_consecutive", "masked_select", "repeat_interleave", "nonzero_numpy"}
@@ -83,7 +81,10 @@ def count_step(step, steps: int = 2) -> dict:
     finally:
         torch.Tensor.tolist = real_tolist
     total = sum(counter.ops.values())
-    return {"ops": total / steps, "kernel_ops": counter.kernel_ops / steps,
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as flops:  # matmul-class FLOPs of one step (elementwise work not counted)
+        step()
+    return {"gflop": round(flops.get_total_flops() / 1e9, 3), "ops": total / steps, "kernel_ops": counter.kernel_ops / steps,
             "syncs": sum(counter.syncs.values()) / steps,
             "sync_ops": {k: v / steps for k, v in sorted(counter.syncs.items())},
             "top_ops": {k: v / steps for k, v in counter.ops.most_common(15)}}
@@ -126,10 +127,11 @@ def run(args) -> dict:
             if name != "floor":
                 ratios[f"{name}/floor ops"] = results[name]["ops"] / results["floor"]["ops"]
                 ratios[f"{name}/floor kernel_ops"] = results[name]["kernel_ops"] / results["floor"]["kernel_ops"]
-    rows = [[n, r["ops"], r["kernel_ops"], r["syncs"], ", ".join(f"{k} {v:g}" for k, v in r["sync_ops"].items()) or "-"]
+                ratios[f"{name}/floor flops"] = results[name]["gflop"] / results["floor"]["gflop"]
+    rows = [[n, r["gflop"], r["ops"], r["kernel_ops"], r["syncs"], ", ".join(f"{k} {v:g}" for k, v in r["sync_ops"].items()) or "-"]
             for n, r in results.items()]
     print(f"\noperators per training step: {common.describe(ctx, args)}")
-    print(common.table(rows, ["variant", "ops", "kernel ops", "host syncs", "which syncs"]))
+    print(common.table(rows, ["variant", "GFLOP", "ops", "kernel ops", "host syncs", "which syncs"]))
     print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     return common.emit("step_ops", ctx, args, results, ratios, extra={"routing": args.routing}, model=first_model)
 

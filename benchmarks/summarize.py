@@ -1,6 +1,6 @@
 """Markdown tables from the JSON records in benchmarks/results/ (for docs/performance.md and the README).
 
-    python benchmarks/summarize.py [--prefix cpu_|gpu_] [--dir benchmarks/results]
+    python -m benchmarks.summarize [--prefix cpu_|gpu_] [--dir benchmarks/results]
 
 Every row names the record it comes from, the device it was measured on and the figure used for ratios
 (wall-clock median on GPU; median per-call CPU time on CPU, see benchmarks/run_cpu.sh).

@@ -1,6 +1,6 @@
 """(a) + (b): one full training step of moecl's MoE-adapters vs the floor and vs the published path.
 
-    python benchmarks/train_step.py --model ViT-B-16-quickgelu --batch 64 --classes 100 --precision bf16 \
+    python -m benchmarks.train_step --model ViT-B-16-quickgelu --batch 64 --classes 100 --precision bf16 \
         [--variants moecl,floor,reference] [--routing random|concentrated] [--out FILE]
 
 A step = image tower on the batch + adapted text tower on ``--classes`` prompts (every step, as in
@@ -8,35 +8,36 @@ training, so the text adapters train) -> CLIP logits -> cross-entropy (label smo
 through the frozen backbone's activations -> AdamW step on the trainable parameters only.
 
 Variants (all built in this one process, timed in interleaved rounds):
-  moecl            MoE-adapters as moecl builds them (DeepSpeed MOELayer, TaskRouterGate, GroupedExperts)
+  moecl            MoE-adapters as moecl builds and trains them (MoEAdapter's gathered path at ep_size 1)
   floor            the same backbone with one dense adapter per block (method="dense-adapter")
   reference        the published path re-implemented from METHOD.md (benchmarks/reference_path.py), fp32
                    (``--ref-precision same`` runs it at ``--precision`` instead)
-  gather           moecl with the gathered-weight experts prototype (benchmarks/prototypes.py)
-  moecl+trim, floor+trim, gather+trim   ... with class prompts trimmed to the longest prompt (prototype)
-  moecl+ckpt, floor+ckpt                 ... with route-safe activation checkpointing (prototype)
+  moecl+ckpt, floor+ckpt   ... with activation checkpointing of every block (model.grad_checkpointing: torch's
+                           non-reentrant checkpoint, as open_clip applies it)
+  moecl+fsckpt, floor+fsckpt   ... with fairscale's checkpoint_wrapper on every block instead (activations
+                           offloaded to the host on CUDA), the alternative the model does not ship
+
+Prompts are trimmed to the longest prompt's EOT token once (``MoECLIP.trim_prompts``, as the trainer does);
+``--full-context`` encodes all 77 positions instead.
 
 ``--routing random``: routers as after init + small random weights (routes spread over experts, as at the
 start of a task); ``concentrated``: every router strongly prefers experts 0 and 1 (a trained task router;
 text routing on token 0 is prompt-independent, so every prompt goes to the same experts anyway).
-The record reports, per MoE variant, the dispatch padding: rows of DeepSpeed's [E, capacity, L*d] buffer
-per real route (1.0 = no padding).
+The record reports, per MoE variant, the expert load skew of the last step: the busiest expert's routes
+over the mean (mean over blocks; 1.0 = balanced). It is what DeepSpeed's dispatch would pad to (rows of its
+[E, capacity, L*d] buffer per route); moecl's gathered path, which the step runs, pays nothing for it.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from . import common
 
-import common  # noqa: E402
-import prototypes  # noqa: E402
-
-ALL = ["moecl", "floor", "reference", "reference-same", "gather", "moecl+trim", "floor+trim", "gather+trim",
-       "moecl+ckpt", "floor+ckpt"]
+ALL = ["moecl", "floor", "reference", "reference-same", "moecl+ckpt", "floor+ckpt", "moecl+fsckpt", "floor+fsckpt"]
 
 
 def add_flags(p) -> None:
@@ -64,7 +65,7 @@ def capture_route_tokens(model, images, tokens, ctx) -> dict[int, torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     hooks = []
     def hook(mod, args):  # must return None (a pre-hook's return value would replace the arguments)
-        seen.setdefault(id(getattr(mod, "site", mod)), args[1].detach().float())  # prototypes wrap the site
+        seen.setdefault(id(mod), args[1].detach().float())
 
     from moecl.model.backbone import text_towers
     for transformer in (model.clip.visual.transformer, text_towers(model.clip)[1]):
@@ -109,8 +110,8 @@ def set_routing(model, images, tokens, ctx, mode: str, seed: int = 0) -> None:
                 wg[:, 1] = 10.0 * direction.to(wg.dtype)
 
 
-def dispatch_padding(model) -> float | None:
-    """Mean over MoE sites of (E x capacity) / (routes) of the last forward (moecl MoEAdapter only)."""
+def load_skew(model) -> float | None:
+    """Mean over MoE sites of (E x busiest expert's routes) / (routes) of the last forward (moecl only)."""
     from moecl.model.moe import MoEAdapter
     vals = []
     for s in model.sites():
@@ -123,30 +124,38 @@ def dispatch_padding(model) -> float | None:
 
 def make_variant(name: str, args, ctx):
     """(model, trainable params, precision of this variant)."""
-    import reference_path
+    from . import reference_path
     base, _, opt = name.partition("+")
     precision = ctx.precision
-    if base in ("moecl", "gather"):
-        model = common.build(args, ctx, "moe-adapters")
-        params = model.trainable_parameters(0)
-        if base == "gather":
-            prototypes.use_gathered_experts(model)
-    elif base == "floor":
-        model = common.build(args, ctx, "dense-adapter")
+    if opt not in ("", "ckpt", "fsckpt"):
+        raise SystemExit(f"unknown variant option {opt!r} in {name!r}")
+    ckpt = opt == "ckpt"
+    if base in ("moecl", "floor"):
+        model = common.build(args, ctx, "moe-adapters" if base == "moecl" else "dense-adapter", grad_checkpointing=ckpt)
         params = model.trainable_parameters(0)
     elif base in ("reference", "reference-same"):
         model, params = reference_path.build_reference(args, ctx)
         if base == "reference" and args.ref_precision == "fp32":
             precision = "fp32"
+        if opt:
+            raise SystemExit(f"{name!r}: the published path has no checkpointing variant")
     else:
         raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(ALL)}")
-    if opt == "trim":
-        prototypes.trim_text_context(model)
-    elif opt == "ckpt":
-        prototypes.route_safe_checkpointing(model)
-    elif opt:
-        raise SystemExit(f"unknown variant option {opt!r} in {name!r}")
+    if opt == "fsckpt":
+        fairscale_checkpointing(model, offload=ctx.cuda)
     return model, params, precision
+
+
+def fairscale_checkpointing(model, offload: bool) -> None:
+    """fairscale's ``checkpoint_wrapper`` on every residual block of both towers (``offload``: keep the saved
+    block inputs in host memory). The model's routes must outlive the encode call, as under its own
+    checkpointing: the blocks are re-run in the backward."""
+    from fairscale.nn.checkpoint import checkpoint_wrapper
+    from moecl.model.backbone import text_towers
+    for transformer in (model.clip.visual.transformer, text_towers(model.clip)[1]):
+        for block in transformer.resblocks:
+            checkpoint_wrapper(block, offload_to_cpu=offload)
+    model._checkpointing = torch.is_grad_enabled  # keep each call's route for the recomputation
 
 
 def run(args, bench: str = "train_step") -> dict:
@@ -183,9 +192,9 @@ def run(args, bench: str = "train_step") -> dict:
     print(f"timing {', '.join(names)}: {common.describe(ctx, args)}", file=sys.stderr, flush=True)
     timings = common.time_variants(fns, ctx, args.steps, args.warmup, args.rounds)
     for name in names:
-        pad = dispatch_padding(models[name])
-        if pad is not None:
-            info[name]["dispatch_rows_per_route"] = round(pad, 3)
+        skew = load_skew(models[name])
+        if skew is not None:
+            info[name]["expert_load_max_over_mean"] = round(skew, 3)
     if args.profile and "moecl" in fns:
         profile_step(fns["moecl"], ctx, args.profile)
 
@@ -198,10 +207,10 @@ def run(args, bench: str = "train_step") -> dict:
         rows.append([name, info[name]["precision"], t.median, t.min, t.cpu_median, args.batch / (t.primary / 1e3),
                      t.primary / timings[floor].primary if floor else float("nan"),
                      timings["reference"].primary / t.primary if "reference" in timings else float("nan"),
-                     info[name].get("dispatch_rows_per_route", "-")])
+                     info[name].get("expert_load_max_over_mean", "-")])
     print(f"\ntraining step: {common.describe(ctx, args)}, routing {args.routing}")
     print(common.table(rows, ["variant", "prec", "median ms", "min ms", "cpu ms", "img/s", "x floor",
-                              "ref speedup", "pad"]))
+                              "ref speedup", "load skew"]))
     ratios = step_ratios(names, timings, floor, "primary")
     ratios_min = step_ratios(names, timings, floor, "min")
     ratios_wall = step_ratios(names, timings, floor, "median")

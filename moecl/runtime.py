@@ -55,22 +55,6 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def _forget_deepspeed_groups() -> None:
-    """DeepSpeed caches its expert / data-parallel groups in module globals; after an earlier world in this
-    process was destroyed (a test, a notebook) they name dead groups and the next engine fails with "Group ...
-    is not registered". Called only when no world exists, so nothing live is dropped."""
-    from deepspeed.utils import groups
-    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
-                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
-        cached = getattr(groups, name, None)
-        if isinstance(cached, dict):
-            cached.clear()
-    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
-                 "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
-        if hasattr(groups, name):
-            setattr(groups, name, None)
-
-
 # Variables init_distributed set for a world of one, with their values before (None: unset). DeepSpeed's engine
 # reads LOCAL_RANK from the environment, so they stay while that world lives; close_distributed restores them.
 _SET_BY_US: dict[str, Optional[str]] = {}
@@ -87,16 +71,14 @@ def init_distributed(requested_device: str = "auto", timeout_s: Optional[float] 
     import deepspeed
     import torch.distributed as dist
 
+    from . import compat
+
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(requested_device, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if device.type == "cpu":
-            # DeepSpeed's CPU shared-memory all-reduce serves inference only, compiles a C++ op at start-up and
-            # leaves ~64 MB per rank in /dev/shm that nothing frees when a process is killed: use gloo alone.
-            import importlib
-            ds_torch = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch is torch itself
-            ds_torch.build_shm_op = lambda: None                          #  as an attribute of deepspeed.comm)
+            compat.disable_cpu_shm_allreduce()  # gloo alone (DeepSpeed's shm all-reduce leaks /dev/shm)
         if "RANK" not in os.environ:  # a plain process: a world of one, its variables undone by close_distributed
             own = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
             _SET_BY_US.update({k: os.environ.get(k) for k in own if k not in _SET_BY_US})
@@ -109,7 +91,7 @@ def init_distributed(requested_device: str = "auto", timeout_s: Optional[float] 
             # (30 min for gloo), not the timeout given here: make that default the same bound
             import torch.distributed.distributed_c10d as c10d
             c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
-        _forget_deepspeed_groups()
+        compat.forget_deepspeed_groups()
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 

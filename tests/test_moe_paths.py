@@ -109,3 +109,26 @@ def test_capacity_and_drop_policy_decide_which_samples_keep_their_expert(drop, f
     kept = [i for i in range(8) if out[i].abs().max() > 0]
     assert kept == expected
     assert site.counts.tolist() == [len(expected), 0, 0, 0]
+
+
+@pytest.mark.parametrize("gathered", [True, False])
+def test_both_paths_route_with_the_gate_logits_method(gathered, monkeypatch):
+    """One definition of the routing logits: a change to ``TaskRouterGate.logits`` reaches both paths."""
+    from moecl.model.gate import TaskRouterGate
+    site = _site()
+    site.train(True)
+    original = TaskRouterGate.logits
+    calls = []
+
+    def reversed_preference(self, features, task_ids, single_task=None):
+        calls.append(features.shape[0])
+        return -original(self, features, task_ids, single_task)
+
+    x = torch.randn(9, 5, 32, generator=torch.Generator().manual_seed(5))
+    ids = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
+    before = _run(site, gathered, x, x[:, 0], ids, None)
+    counts = site.counts.clone()
+    monkeypatch.setattr(TaskRouterGate, "logits", reversed_preference)
+    after = _run(site, gathered, x, x[:, 0], ids, None)
+    assert calls == [9]
+    assert not torch.equal(site.counts, counts) and not torch.allclose(before, after)

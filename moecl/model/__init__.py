@@ -5,6 +5,7 @@ from ..runtime import configure_accelerator_env
 
 configure_accelerator_env()  # DeepSpeed reads DS_ACCELERATOR when it is first imported (by .experts below)
 
+from .. import compat  # noqa: E402,F401  (checks the DeepSpeed version before anything uses it)
 from ..config import ModelConfig, MoEConfig  # noqa: E402
 from .backbone import create_backbone, image_size_of, tokenizer_for  # noqa: E402  (registers the tiny backbones)
 from .clip import DenseAdapter, MoECLIP  # noqa: E402

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate, topkgating
 from torch import nn
 
+from .. import compat
+
 
 @dataclass
 class RouteInput:
@@ -85,22 +87,24 @@ class TaskRouterGate(TopKGate):
     def router_index(self, task: int) -> int:
         return 0 if self.shared_router else task
 
-    def _set_ep_group(self, ep_group) -> None:
-        # DeepSpeed asserts on a second call; we build one engine per task, so the same group is set again.
-        self.ep_group = ep_group
+    def _set_ep_group(self, ep_group) -> None:  # (DeepSpeed's asserts on a second call: one engine per task)
+        compat.set_gate_ep_group(self, ep_group)
+
+    def logits(self, features: torch.Tensor, task_ids: torch.Tensor,
+               single_task: Optional[int] = None) -> torch.Tensor:
+        """The routing logits [S, E] in fp32: each row's task router, plus learned noise when :attr:`noisy`.
+        The one definition both execution paths (DeepSpeed's dispatch and the gathered path) route with."""
+        if self.shared_router:
+            task_ids, single_task = torch.zeros_like(task_ids), 0
+        clean = task_logits(features, list(self.routers), task_ids, single_task)
+        if not self.noisy:
+            return clean
+        return noisy_logits(clean, task_logits(features, list(self.noise), task_ids, single_task), self.noise_eps)
 
     def forward(self, input: torch.Tensor, route: RouteInput, sparse_routes: bool = True,
                 use_tutel: bool = False):
         assert sparse_routes, "this DeepSpeed version dispatches sparse routes"
-        task_ids = route.task_ids
-        single = route.single_task
-        if self.shared_router:
-            task_ids, single = torch.zeros_like(task_ids), 0
-        clean = task_logits(route.features, list(self.routers), task_ids, single)
-        logits = clean
-        if self.noisy:
-            noise_logits = task_logits(route.features, list(self.noise), task_ids, single)
-            logits = noisy_logits(clean, noise_logits, self.noise_eps)
+        logits = self.logits(route.features, route.task_ids, route.single_task)
         cap = self.capacity_factor if self.training else self.eval_capacity_factor
         l_aux, capacity, num_experts, indices, locations, gates, _ = topkgating(
             logits, self.k, cap, self.min_capacity, self.drop_tokens, self.ep_group, self.drop_policy,

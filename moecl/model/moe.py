@@ -11,13 +11,10 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import MOELayer
 from torch import nn
 
+from .. import compat
 from ..config import MoEConfig
 from .experts import AdapterExpert, GroupedExperts
-from .gate import RouteInput, TaskRouterGate, noisy_logits, task_logits
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
+from .gate import RouteInput, TaskRouterGate
 
 
 class _AllGather(torch.autograd.Function):
@@ -78,13 +75,7 @@ class MoEAdapter(MoE):
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
-        nn.Module.__init__(self)  # MoE.__init__ would build DeepSpeed's own gate; build ours instead
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
-        self.ep_size = cfg.ep_size
-        self.expert_group_name = f"ep_size_{cfg.ep_size}"
-        self.num_experts = cfg.num_experts
-        self.num_local_experts = cfg.num_experts // cfg.ep_size
+        compat.init_moe_container(self, cfg.num_experts, cfg.ep_size)  # MoE.__init__ less its gate and experts
         self.dim, self.routing = dim, cfg.routing
         self.aux_loss_weight = cfg.aux_loss_weight
         self.ep_mode = cfg.ep_mode
@@ -155,7 +146,7 @@ class MoEAdapter(MoE):
                                None if active is None else active.repeat_interleave(length))
         out = self.deepspeed_moe(rows, route)
         self.l_aux = self.deepspeed_moe.l_aux
-        if self.training and torch.is_grad_enabled() and not _in_backward():
+        if self.training and torch.is_grad_enabled() and not compat.in_backward():
             # (activation checkpointing re-runs this forward inside backward: count each sample once)
             self.counts += self.gate.last_counts.to(self.counts.device)
         out = out.reshape(b, length, d)
@@ -172,12 +163,7 @@ class MoEAdapter(MoE):
         marks the rows that take the adapters (the others get gate 0: an exactly zero output)."""
         gate = self.gate
         b, length, d = x.shape
-        ids, single = (torch.zeros_like(task_ids), 0) if gate.shared_router else (task_ids, single_task)
-        clean = task_logits(route_tokens, list(gate.routers), ids, single)
-        logits = clean
-        if gate.noisy:
-            logits = noisy_logits(clean, task_logits(route_tokens, list(gate.noise), ids, single), gate.noise_eps)
-        probs = logits.softmax(dim=1)
+        probs = gate.logits(route_tokens, task_ids, single_task).softmax(dim=1)
         top, idx = probs.topk(gate.k, dim=1)  # [B, k], as DeepSpeed's topkgating selects
         g = top / top.sum(dim=1, keepdim=True).clamp(min=torch.finfo(top.dtype).eps)
         mask = torch.zeros_like(probs).scatter_(1, idx, 1.0)
@@ -188,7 +174,7 @@ class MoEAdapter(MoE):
             mask = mask * active.to(mask.dtype).unsqueeze(1)
         counts = mask.sum(0)  # [E], exact in fp32 (a bincount would sync the host to size its output)
         gate.last_counts = counts.to(torch.long)
-        if self.training and torch.is_grad_enabled() and not _in_backward():
+        if self.training and torch.is_grad_enabled() and not compat.in_backward():
             self.counts += gate.last_counts.to(self.counts.device)
         first = self.local_experts[0]
         k, r, scale = gate.k, first.width, first.scale

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
+from .. import compat
 from ..config import Config, check_batch_fits, check_per_task
 from ..data import (Sequence, data_options, eval_batches, fill_template, load_sequence, make_transforms,
                     train_batches)
@@ -901,7 +902,7 @@ class ContinualTrainer:
             total = sum(len(g["params"]) for g in optimizer.param_groups)
             if self.is_main:
                 log.info("optimizer state re-sharded by parameter name: %d of %d parameters restored", restored, total)
-        elif hasattr(optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: a list indexed by data-parallel rank
+        elif compat.optimizer_loads_every_rank(optimizer):  # ZeRO 1/2: a list indexed by data-parallel rank
             optimizer.load_state_dict([layout.read_optimizer(path, r) for r in range(self.info.world_size)])
         else:
             optimizer.load_state_dict(layout.read_optimizer(path, self.info.rank))
