@@ -143,13 +143,26 @@ def test_disk_cache_is_reused_checked_and_keyed_by_backbone_and_data(tasks, tmp_
 
 
 def test_changed_shard_content_changes_the_key(tasks, tmp_path):
+    """The key follows the shard files' content, not only what task.json claims: a shard damaged or replaced on
+    disk under an unchanged task.json is read again, never scored from the old features."""
     import dataclasses
+    import shutil
     cache = FrozenCache(IDENTITY)
     task = tasks[0]
     name = task.urls("test")[0].rsplit("/", 1)[-1]
     other = dataclasses.replace(task, sha256={**task.sha256, name: "0" * 64})
     assert cache.key(task, "test", {}) != cache.key(other, "test", {})
     assert cache.key(task, "test", {}) == FrozenCache(dict(IDENTITY)).key(task, "test", {})
+    copy = tmp_path / "copy"
+    shutil.copytree(task.root, copy)
+    moved = read_task(copy)
+    assert cache.key(moved, "test", {}) == cache.key(task, "test", {})  # same content elsewhere: same entry
+    shard = copy / name
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    assert read_task(copy).sha256 == task.sha256  # task.json still claims the old content
+    assert cache.key(read_task(copy), "test", {}) != cache.key(task, "test", {})
 
 
 # ---- a real run ------------------------------------------------------------------------------------------------

@@ -49,18 +49,18 @@ def _digest(t: dict[str, torch.Tensor]) -> str:
 
 
 def shard_digests(task: Any, split: str) -> list[str]:
-    """What identifies each shard's content: the sha256 from task.json, else the file's own (hashed once per
-    process); remote shards (URL template) by URL only."""
+    """What identifies each shard's content: the file's own sha256 (hashed once per process and file version;
+    task.json's claim alone would let a replaced or damaged shard reuse features of the old one), with
+    task.json's sha256 beside it; remote shards (URL template) by URL and task.json's sha256 only."""
     from ..runstate.identity import file_sha256
     out = []
     for url in task.urls(split):
         name = os.path.basename(url)
-        if task.sha256.get(name):
-            out.append(f"{name}:{task.sha256[name]}")
-        elif not task.remote and Path(url).is_file():
-            out.append(f"{name}:{file_sha256(url)}")
+        claimed = task.sha256.get(name, "")
+        if not task.remote and Path(url).is_file():
+            out.append(f"{name}:{file_sha256(url)}:{claimed}")
         else:
-            out.append(f"url:{url}")
+            out.append(f"url:{url}:{claimed}")
     return out
 
 
