@@ -130,7 +130,7 @@ def main() -> None:
     for name in names:
         lay = layers[name]
         counts = None
-        if isinstance(lay, MoEAdapter) and lay.gate.last_counts is not None:
+        if isinstance(lay, MoEAdapter) and name != "moecl" and lay.gate.last_counts is not None:  # (moecl: no buffer)
             counts = lay.gate.last_counts
         elif name == "stock":
             counts = lay.deepspeed_moe.exp_counts

@@ -37,7 +37,7 @@ def train_rows(path: Path, rec: dict) -> list[str]:
         x_floor = f"{ms(r) / ms(floor):.2f}" if floor else "-"
         x_ref = f"{ms(ref) / ms(r):.2f}" if ref else "-"
         out.append(f"| {shape(rec)}, {rec['shapes'].get('classes')} prompts, {rec.get('routing')} | {name} | "
-                   f"{r['precision']} | {ms(r):.1f} | {x_floor} | {x_ref} | {r.get('dispatch_rows_per_route', '-')} | "
+                   f"{r['precision']} | {ms(r):.1f} | {x_floor} | {x_ref} | {r.get('expert_load_max_over_mean', r.get('dispatch_rows_per_route', '-'))} | "
                    f"`{path.name}` |")
     return out
 
@@ -57,8 +57,8 @@ def main() -> None:
 
     if by("train_step") or by("reference_path"):
         print("Training step (a: x floor = step / floor step; b: ref speedup = published path / variant; "
-              "pad = dispatch rows per route)\n")
-        print("| shape | variant | precision | step ms | x floor | ref speedup | pad | record |")
+              "load skew = busiest expert's routes over the mean, what DeepSpeed's dispatch pads to)\n")
+        print("| shape | variant | precision | step ms | x floor | ref speedup | load skew | record |")
         print("|---|---|---|---:|---:|---:|---:|---|")
         for f, r in by("train_step") + by("reference_path"):
             print("\n".join(train_rows(f, r)))

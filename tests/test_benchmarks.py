@@ -42,3 +42,33 @@ def test_step_ops_runs_as_a_module_and_finds_no_host_sync_in_moecls_step(tmp_pat
     assert res["moecl"]["syncs"] == 0 and res["floor"]["syncs"] == 0
     assert res["reference"]["syncs"] > 0  # the published path reads part sizes on the host: the counter sees it
     assert res["moecl"]["kernel_ops"] > res["floor"]["kernel_ops"] > 0
+
+
+def test_checkpointing_variants_train_the_same_gradients():
+    """The memory comparison's variants compute what moecl computes: torch's checkpointing (the model's own)
+    and fairscale's wrapper give the gradients of no checkpointing, gate noise included."""
+    import torch
+    import torch.nn.functional as F
+    from benchmarks import common, train_step
+    p = common.base_parser("test", batch=4, classes=3)
+    train_step.add_flags(p)
+    args = p.parse_args(["--device", "cpu", "--model", "moecl-tiny", "--experts", "4"])
+    ctx = common.setup(args)
+    grads = {}
+    for name in ("moecl", "moecl+ckpt", "moecl+fsckpt"):
+        torch.manual_seed(0)
+        model, params, _ = train_step.make_variant(name, args, ctx)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        images, tokens, labels = common.make_inputs(args, ctx, model)
+        common.nonzero_adapters(model, 0)
+        model.train()
+        torch.manual_seed(1)
+        F.cross_entropy(model(images, train_step.prompts_for(model, tokens), 0), labels).backward()
+        grads[name] = [q.grad.clone() for q in params]
+        assert all(g is not None for g in grads[name])
+    assert any(float(g.abs().max()) > 0 for g in grads["moecl"])
+    for name in ("moecl+ckpt", "moecl+fsckpt"):
+        for a, b in zip(grads["moecl"], grads[name]):
+            assert torch.allclose(a, b, atol=1e-7, rtol=0), name
