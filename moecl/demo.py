@@ -14,8 +14,8 @@
    ``RUN/tb``), print the accuracy matrices and the Transfer / Avg / Last summary, and check the two
    claims the method makes against zero-shot and continual fine-tuning.
 
-The continual-learning settings are ``moecl/configs/demo.yaml``; the world's size and the pretraining
-recipe are :data:`WORLD` and :data:`PRETRAIN` below. ``--quick`` shrinks all three (a smoke test).
+The continual-learning settings, the world's size and the pretraining recipe are ``moecl/configs/demo.yaml``
+(its ``demo:`` mapping: :data:`WORLD`, :data:`PRETRAIN`). ``--quick`` shrinks all three (a smoke test).
 A finished sub-run with the same config is reused (``--resume auto``), an interrupted one resumes.
 """
 from __future__ import annotations
@@ -37,15 +37,26 @@ log = logging.getLogger("moecl.demo")
 
 DEMO_CONFIG = "demo"
 
-# The world: data_tools.synthetic.build_world parameters. 7 domains (5 learned, 2 held out), 32 px.
-WORLD: dict[str, Any] = dict(image_size=32, train_per_class=100, test_per_class=30, pretrain_per_class=100,
-                             seed=0, held_out=2)
-WORLD_QUICK: dict[str, Any] = dict(image_size=32, train_per_class=16, test_per_class=8, pretrain_per_class=24,
-                                   seed=0, held_out=2)
 
-# The foundation: moecl-tiny from scratch, contrastive on the world's captions (moecl.pretrain).
-PRETRAIN = PretrainParams(model="moecl-tiny", steps=400, batch_size=256, lr=2e-3, warmup=40, seed=0)
-PRETRAIN_QUICK = PretrainParams(model="moecl-tiny", steps=12, batch_size=64, lr=2e-3, warmup=3, seed=0)
+
+def _recipe() -> dict[str, Any]:
+    """The ``demo:`` mapping of moecl/configs/demo.yaml: the world and the pretraining, full and quick."""
+    from .config import ConfigError, read_config_file, resolve_config_path
+    path = resolve_config_path(DEMO_CONFIG)
+    recipe = (read_config_file(path) or {}).get("demo")
+    keys = ("world", "world_quick", "pretrain", "pretrain_quick")
+    if not isinstance(recipe, dict) or any(not isinstance(recipe.get(k), dict) for k in keys):
+        raise ConfigError(f"{path}: the demo: mapping needs {', '.join(keys)} (each a mapping)")
+    return recipe
+
+
+_RECIPE = _recipe()
+# The world: data_tools.synthetic.build_world parameters; the foundation: moecl-tiny from scratch, contrastive
+# on the world's captions (moecl.pretrain). Both from demo.yaml's demo: mapping.
+WORLD: dict[str, Any] = dict(_RECIPE["world"])
+WORLD_QUICK: dict[str, Any] = dict(_RECIPE["world_quick"])
+PRETRAIN = PretrainParams(**_RECIPE["pretrain"])
+PRETRAIN_QUICK = PretrainParams(**_RECIPE["pretrain_quick"])
 
 # Sub-runs: (folder, overrides on top of demo.yaml). moe-adapters is trained once and evaluated in both
 # DDAS settings (eval.reference_ddas), so the two settings differ only in how test images are routed.
