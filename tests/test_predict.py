@@ -140,3 +140,43 @@ def test_cli_predict_folder_json_csv(tiny, tmp_path, capsys):
     assert "digits" in capsys.readouterr().out
     assert main(["predict", str(run), "--images", str(tmp_path / "missing.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_iter_predict_streams_with_bounded_memory(tiny, predictor):
+    """A generator of images is read one batch ahead at most; the batches' rows are predict()'s rows."""
+    _, _, images = tiny
+    paths = _mixed(images, 23)
+    chunked = Predictor(tiny[1], device="cpu", batch_size=5, loaded=predictor.run)
+    taken = []
+
+    def source():
+        for p in paths:
+            taken.append(p)
+            yield p
+
+    batches = []
+    for rows in chunked.iter_predict(source()):
+        assert len(taken) <= 5 * (len(batches) + 1), "more images read than one batch ahead"
+        batches.append(rows)
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+    streamed = [r for b in batches for r in b]
+    assert [(r["image"], r["route"], r["top"][0]["label"]) for r in streamed] == \
+        [(r["image"], r["route"], r["top"][0]["label"]) for r in predictor.predict(paths)]
+
+
+def test_cli_predict_jsonl_batches(tiny, tmp_path, capsys):
+    _, run, images = tiny
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, p in enumerate(_mixed(images, 9)):
+        shutil.copy(p, folder / f"{i}.png")
+    (folder / "9.png").write_bytes(b"not a png")  # unreadable: listed, skipped, the rest still predicted
+    out_jsonl, out_json = tmp_path / "p.jsonl", tmp_path / "p.json"
+    assert main(["predict", str(run), "--images", str(folder), "--batch-size", "4", "--top", "2", "--no-progress",
+                 "--jsonl", str(out_jsonl), "--json", str(out_json)]) == 0
+    captured = capsys.readouterr()
+    assert "1 unreadable image(s) skipped" in captured.err and str(out_jsonl) in captured.out
+    lines = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
+    assert len(lines) == 9 and lines == json.loads(out_json.read_text())
+    assert main(["predict", str(run), "--images", str(folder), "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err

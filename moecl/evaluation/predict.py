@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -161,7 +162,6 @@ class Predictor:
             return self.run.eval_tf(image.convert("RGB")), str(getattr(image, "filename", "") or "")
         return self.run.eval_tf(open_image(image)), str(image)
 
-    @torch.no_grad()
     def predict(self, images: Sequence[ImageInput], labels: Optional[Sequence[str]] = None,
                 task: Optional[str] = None, top: int = 5,
                 templates: Optional[Sequence[str]] = None,
@@ -172,6 +172,15 @@ class Predictor:
         routed task's classes (zero-shot: all classes of the sequence). ``labels="all-seen"``: every class
         of every learned task, whichever route an image takes (class-incremental use). ``skipped``: a list to
         receive ``(image, reason)`` for unreadable images, which are then left out instead of raising."""
+        return [row for batch in self.iter_predict(images, labels, task, top, templates, skipped) for row in batch]
+
+    @torch.no_grad()
+    def iter_predict(self, images: Iterable[ImageInput], labels: Optional[Sequence[str]] = None,
+                     task: Optional[str] = None, top: int = 5, templates: Optional[Sequence[str]] = None,
+                     skipped: Optional[list[tuple[str, str]]] = None) -> Iterator[list[dict[str, Any]]]:
+        """:meth:`predict` one batch at a time: ``images`` may be any iterable (a generator over a folder of
+        any size); only one batch of images is in memory at a time. Yields each batch's rows (an empty list
+        for a batch of unreadable images only)."""
         if isinstance(labels, str) and labels == ALL_SEEN:
             if task is not None:
                 raise ValueError(f"labels={ALL_SEEN!r} and task exclude each other")
@@ -185,10 +194,14 @@ class Predictor:
             self.forced_route(task)
         model, run = self.run.model, self.run
         scale = model.logit_scale.exp().float()
-        out: list[dict[str, Any]] = []
-        for start in range(0, len(images), self.batch_size):
+        pending = iter(images)
+        start = 0
+        while True:
+            chunk = list(itertools.islice(pending, self.batch_size))
+            if not chunk:
+                return
             loaded = []
-            for img in images[start:start + self.batch_size]:
+            for img in chunk:
                 try:
                     loaded.append(self._load(img))
                 except (DataError, OSError, ValueError) as e:  # open_image names the file
@@ -196,6 +209,8 @@ class Predictor:
                         raise
                     skipped.append((str(img), str(e)))
             if not loaded:
+                start += len(chunk)
+                yield []
                 continue
             x = torch.stack([t for t, _ in loaded]).to(run.device)
             with run.autocast():
@@ -214,8 +229,8 @@ class Predictor:
                                "top": [{"label": names[c], "probability": float(q)} for q, c in zip(pi, ki)]}
                     if errors is not None:
                         rows[i]["ddas_error"] = {run.route_name(t): float(e) for t, e in enumerate(errors[i].tolist())}
-            out.extend(rows)  # type: ignore[arg-type]
-        return out
+            start += len(chunk)
+            yield rows  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,6 +300,18 @@ def _common_parent(names: list[str]) -> str:
 
 
 MAX_TOP = 1000
+MAX_SHOWN = 200  # rows of the console table (every row goes to --jsonl / --json / --csv)
+
+
+def _open_jsonl(path: Optional[str]):
+    """The --jsonl file, opened before any image is scored (an unwritable path fails at once)."""
+    if not path:
+        return None
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise MoeclError(f"cannot write --jsonl {path}: {e.strerror or e}") from None
 
 
 def run_predict(args) -> int:
@@ -298,21 +325,53 @@ def run_predict(args) -> int:
         labels = ALL_SEEN
     if getattr(args, "labels", None) is not None and not labels:
         raise DataError("--labels is empty: give comma-separated label names, e.g. --labels \"cat,dog\"")
-    predictor = Predictor(args.run, getattr(args, "checkpoint", None), getattr(args, "device", None) or "auto")
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        raise MoeclError(f"--batch-size must be at least 1, got {batch_size}")
+    predictor = Predictor(args.run, getattr(args, "checkpoint", None), getattr(args, "device", None) or "auto",
+                          batch_size=batch_size)
     skipped: list[tuple[str, str]] = []
-    results = predictor.predict(images, labels=labels, task=getattr(args, "task", None), top=top, skipped=skipped)
+    keep_all = bool(getattr(args, "json", None) or getattr(args, "csv", None))  # those files need every row
+    results: list[dict[str, Any]] = []  # every row (--json / --csv), else the first MAX_SHOWN for the table
+    counts: dict[str, int] = {}
+    done = 0
+    jsonl = _open_jsonl(getattr(args, "jsonl", None))
+    bar = None
+    if not getattr(args, "no_progress", False) and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=len(images), desc="predict", unit="image", dynamic_ncols=True, file=sys.stderr)
+    try:
+        for rows in predictor.iter_predict(images, labels=labels, task=getattr(args, "task", None), top=top,
+                                           skipped=skipped):
+            for r in rows:
+                counts[r["route"]] = counts.get(r["route"], 0) + 1
+                if jsonl is not None:
+                    jsonl.write(json.dumps(r) + "\n")
+            if keep_all or len(results) < MAX_SHOWN:
+                results.extend(rows if keep_all else rows[: MAX_SHOWN - len(results)])
+            done += len(rows)
+            if jsonl is not None:
+                jsonl.flush()
+            if bar is not None:
+                bar.update(min(predictor.batch_size, len(images) - bar.n))
+    finally:
+        if bar is not None:
+            bar.close()
+        if jsonl is not None:
+            jsonl.close()
     if skipped:  # listed, as data_tools lists unreadable images; the readable ones are still predicted
         print(f"{len(skipped)} unreadable image(s) skipped:", file=sys.stderr)
         for name, reason in skipped:  # open_image's reason names the file already
             print("  " + _printable(reason if name in reason else f"{name}: {reason}"), file=sys.stderr)
-    if not results:
+    if not done:
         raise DataError(f"none of the {len(images)} image(s) could be read (listed above)")
-    print(format_predictions(results, top))
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r["route"]] = counts.get(r["route"], 0) + 1
-    print(f"{len(results)} image(s); routes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    print(format_predictions(results[:MAX_SHOWN], top))
+    if done > MAX_SHOWN:
+        print(f"(the first {MAX_SHOWN} of {done} images shown; --jsonl / --json / --csv hold them all)")
+    print(f"{done} image(s); routes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
           + (f"; {len(skipped)} unreadable skipped" if skipped else ""), file=sys.stderr)
+    if getattr(args, "jsonl", None):
+        print(f"wrote {args.jsonl}")
     for option, target, write in (("--json", getattr(args, "json", None), lambda p: write_json(results, p)),
                                   ("--csv", getattr(args, "csv", None), lambda p: write_csv(results, p, top))):
         if target:
