@@ -52,10 +52,12 @@ def _add_predict(sub) -> None:
     p.add_argument("--task", default=None, help="use this task's class names as labels")
     p.add_argument("--json", default=None, help="also write results to this JSON file")
     p.add_argument("--csv", default=None, help="also write results to this CSV file")
-    p.add_argument("--jsonl", default=None, help="write results to this JSON-lines file as they come (one image a "
-                                                 "line; for folders of thousands of images: memory stays bounded)")
+    p.add_argument("--jsonl", default=None, help="write results as JSON lines, one per image, as they are computed "
+                                                "(bounded memory for folders of any size)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: the run's "
+                                                                "eval.batch_size)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--top", type=int, default=5, help="labels shown per image")
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: eval.batch_size)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default 0: decode here)")
 
 

@@ -19,6 +19,9 @@ from .methods import NAMES as METHOD_NAMES, get_method
 from .shipped import find, folder, shipped
 
 CONFIG_DIR = folder("config")
+# top-level keys of a config file that are not run settings: its one-line description, and the demo command's
+# world and pretraining recipe (moecl/configs/demo.yaml; read by moecl.demo)
+NOT_RUN_SETTINGS = ("description", "demo")
 
 
 class ConfigError(MoeclError, ValueError):
@@ -563,7 +566,8 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
         data = read_config_file(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (model, moe, data, ...)")
-        data.pop("description", None)
+        for key in NOT_RUN_SETTINGS:
+            data.pop(key, None)
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         source += " + overrides"

@@ -14,14 +14,13 @@
    ``RUN/tb``), print the accuracy matrices and the Transfer / Avg / Last summary, and check the two
    claims the method makes against zero-shot and continual fine-tuning.
 
-The continual-learning settings are ``moecl/configs/demo.yaml``; the world's size and the pretraining
-recipe are :data:`WORLD` and :data:`PRETRAIN` below. ``--quick`` shrinks all three (a smoke test).
+The continual-learning settings, the world's size and the pretraining recipe are ``moecl/configs/demo.yaml``
+(its ``demo:`` mapping: :data:`WORLD`, :data:`PRETRAIN`). ``--quick`` shrinks all three (a smoke test).
 A finished sub-run with the same config is reused (``--resume auto``), an interrupted one resumes.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -31,21 +30,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .pretrain import PretrainParams, format_zero_shot, pretrain_clip
+from .pretrain import demo_backbone, format_zero_shot, pretrain_clip  # noqa: F401  (demo_backbone: public name)
+from .pretrained import (DEMO_CONFIG, INIT_CHECKPOINTS, PRETRAIN, PRETRAIN_QUICK, WORLD,  # noqa: F401
+                         WORLD_QUICK, default_cache)
+from .pretrained import world_dir as _world_dir
 
 log = logging.getLogger("moecl.demo")
 
-DEMO_CONFIG = "demo"
-
-# The world: data_tools.synthetic.build_world parameters. 7 domains (5 learned, 2 held out), 32 px.
-WORLD: dict[str, Any] = dict(image_size=32, train_per_class=100, test_per_class=30, pretrain_per_class=100,
-                             seed=0, held_out=2)
-WORLD_QUICK: dict[str, Any] = dict(image_size=32, train_per_class=16, test_per_class=8, pretrain_per_class=24,
-                                   seed=0, held_out=2)
-
-# The foundation: moecl-tiny from scratch, contrastive on the world's captions (moecl.pretrain).
-PRETRAIN = PretrainParams(model="moecl-tiny", steps=400, batch_size=256, lr=2e-3, warmup=40, seed=0)
-PRETRAIN_QUICK = PretrainParams(model="moecl-tiny", steps=12, batch_size=64, lr=2e-3, warmup=3, seed=0)
 
 # Sub-runs: (folder, overrides on top of demo.yaml). moe-adapters is trained once and evaluated in both
 # DDAS settings (eval.reference_ddas), so the two settings differ only in how test images are routed.
@@ -63,68 +54,6 @@ QUICK_OVERRIDES = ["train.iterations=3", "train.warmup=1", "ddas.iterations=20",
 HEADLINE = [("zero-shot", "oracle"), ("continual-ft", "oracle"), ("moe-adapters-reference", "agnostic"),
             ("moecl", "agnostic")]
 TRANSFER_TOLERANCE = 1.0  # points: "MoE-adapters' Transfer stays within 1 point of zero-shot"
-
-
-def default_cache() -> Path:
-    """``$MOECL_CACHE``, else ``$XDG_CACHE_HOME/moecl``, else ``~/.cache/moecl``."""
-    if os.environ.get("MOECL_CACHE"):
-        return Path(os.environ["MOECL_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "moecl"
-
-
-INIT_CHECKPOINTS = {"demo": False, "demo-quick": True}  # model.init_checkpoint values -> quick?
-
-
-def demo_backbone(cache: Optional[Path] = None, *, quick: bool = False, workers: int = 1, progress: bool = True,
-                  device: Optional[str] = None, threads: Optional[int] = None):
-    """The demo's pretrained tiny CLIP (``model.init_checkpoint=demo``): the synthetic world and the
-    contrastive pretraining on its captions, each built once and then read from ``cache`` (default
-    :func:`default_cache`). Returns (world folder, :class:`~moecl.pretrain.PretrainResult`)."""
-    from data_tools.synthetic import build_world
-    cache = Path(cache) if cache is not None else default_cache()
-    world = _world_dir(cache, WORLD_QUICK if quick else WORLD)
-    build_world(world, workers=max(1, workers), progress=progress, **(WORLD_QUICK if quick else WORLD))
-    result = pretrain_clip(world, cache / "pretrained", PRETRAIN_QUICK if quick else PRETRAIN, workers=workers,
-                           device=device, progress=progress, threads=threads)
-    return world, result
-
-
-def resolve_init_checkpoint(value: Optional[str], model_name: str, *, build: bool = True,
-                            progress: bool = False) -> Optional[str]:
-    """``model.init_checkpoint`` as a file: ``demo`` / ``demo-quick`` name the demo's pretrained tiny CLIP
-    (built into the cache on first use when ``build``); anything else is returned as given."""
-    if value not in INIT_CHECKPOINTS:
-        return value
-    quick = INIT_CHECKPOINTS[value]
-    params = PRETRAIN_QUICK if quick else PRETRAIN
-    if model_name != params.model:
-        from .config import ConfigError
-        raise ConfigError(f"model.init_checkpoint={value} is the demo's pretrained {params.model}; set "
-                          f"model.name={params.model} (model.name is {model_name!r})")
-    from .pretrain import cached_result
-    world = _world_dir(default_cache(), WORLD_QUICK if quick else WORLD)
-    try:
-        hit = cached_result(params, world, default_cache() / "pretrained")
-    except FileNotFoundError:  # no world yet
-        hit = None
-    if not build:
-        if hit is None:
-            from .config import ConfigError
-            raise ConfigError(f"model.init_checkpoint={value}: the demo's pretrained tiny CLIP is not in the cache "
-                              f"{default_cache()} ($MOECL_CACHE); build it with `moecl demo"
-                              f"{' --quick' if quick else ''}` or start a `moecl train` that names it")
-        return str(hit.weights)
-    if hit is not None:
-        return str(hit.weights)
-    log.info("model.init_checkpoint=%s: building the demo's pretrained %s into the cache %s (once; a few minutes "
-             "on a CPU)", value, params.model, default_cache())
-    return str(demo_backbone(quick=quick, progress=progress)[1].weights)
-
-
-def _world_dir(cache: Path, params: dict[str, Any]) -> Path:
-    tag = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    return cache / "worlds" / f"synthetic-{tag}"
 
 
 def _say(msg: str = "") -> None:

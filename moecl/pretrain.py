@@ -16,85 +16,20 @@ folder renamed at the end, so an interrupted run never leaves a half-written che
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from . import pretrained
+from .pretrained import (INFO_FILE, WEIGHTS_FILE, PretrainParams, PretrainResult, cache_key,  # noqa: F401
+                         cached_result, default_cache, world_dir, world_fingerprint)
+
 log = logging.getLogger("moecl.pretrain")
-
-PRETRAIN_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-INFO_FILE = "pretrain.json"
-
-
-@dataclass(frozen=True)
-class PretrainParams:
-    """Everything the pretrained weights depend on (the cache key, with the world's parameters)."""
-    model: str = "moecl-tiny"
-    steps: int = 600
-    batch_size: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    warmup: int = 50
-    betas: tuple[float, float] = (0.9, 0.98)
-    crop_scale: tuple[float, float] = (0.8, 1.0)
-    init_logit_scale: float = math.log(1 / 0.07)
-    seed: int = 0
-    version: int = PRETRAIN_VERSION
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"], d["crop_scale"] = list(self.betas), list(self.crop_scale)
-        return d
-
-
-@dataclass
-class PretrainResult:
-    """Where the weights are, and what pretraining measured."""
-    weights: Path
-    info: dict[str, Any] = field(default_factory=dict)
-    cached: bool = False
-
-    @property
-    def zero_shot(self) -> dict[str, float]:
-        return self.info.get("zero_shot", {})
-
-
-def world_fingerprint(world: Path) -> dict[str, Any]:
-    manifest = Path(world) / "world.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} does not exist: build the world first (python -m data_tools synthetic "
-                                f"--out {world})")
-    rec = json.loads(manifest.read_text())
-    if not rec.get("complete"):
-        raise FileNotFoundError(f"{manifest}: the world under {world} is incomplete; rebuild it")
-    return rec["params"]
-
-
-def cache_key(params: PretrainParams, world: Path) -> str:
-    blob = json.dumps({"params": params.as_dict(), "world": world_fingerprint(world)}, sort_keys=True)
-    return f"{params.model}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-def cached_result(params: PretrainParams, world: Path, cache_dir: Path) -> Optional[PretrainResult]:
-    """The cached pretraining of these parameters on this world, or None."""
-    folder = Path(cache_dir) / cache_key(params, world)
-    weights, info = folder / WEIGHTS_FILE, folder / INFO_FILE
-    if weights.is_file() and info.is_file():
-        try:
-            rec = json.loads(info.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        if rec.get("params") == params.as_dict() and rec.get("complete"):
-            return PretrainResult(weights, rec, cached=True)
-    return None
 
 
 def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
@@ -134,7 +69,7 @@ def pretrain_clip(world: str | Path, cache_dir: str | Path, params: Optional[Pre
     from . import backbones
     from .data import make_transforms, pretrain_batches
     from .seeding import seed_all
-    from .train.engine import lr_at
+    from .schedule import lr_at
 
     backbones.register_backbones()
     dev = runtime.pick_device(device or "auto")
@@ -219,6 +154,35 @@ def pretrain_clip(world: str | Path, cache_dir: str | Path, params: Optional[Pre
     os.replace(tmp, folder)
     log.info("pretrained %s in %.0f s -> %s", params.model, train_s, folder / WEIGHTS_FILE)
     return PretrainResult(folder / WEIGHTS_FILE, info, cached=False)
+
+
+def demo_backbone(cache: Optional[Path] = None, *, quick: bool = False, workers: int = 1, progress: bool = True,
+                  device: Optional[str] = None, threads: Optional[int] = None) -> tuple[Path, PretrainResult]:
+    """The demo's pretrained tiny CLIP (``model.init_checkpoint=demo``): the synthetic world and the
+    contrastive pretraining on its captions (:mod:`moecl.pretrained`'s recipe), each built once and then read
+    from ``cache`` (default :func:`~moecl.pretrained.default_cache`). Returns (world folder, result)."""
+    from data_tools.synthetic import build_world
+    cache = Path(cache) if cache is not None else default_cache()
+    params = pretrained.WORLD_QUICK if quick else pretrained.WORLD
+    world = world_dir(cache, params)
+    build_world(world, workers=max(1, workers), progress=progress, **params)
+    result = pretrain_clip(world, cache / "pretrained", pretrained.PRETRAIN_QUICK if quick else pretrained.PRETRAIN,
+                           workers=workers, device=device, progress=progress, threads=threads)
+    return world, result
+
+
+def build_init_checkpoint(value: Optional[str], model_name: str, *, progress: bool = False) -> Optional[str]:
+    """:func:`moecl.pretrained.resolve_init_checkpoint`, building the demo's pretrained tiny CLIP into the cache
+    on first use instead of refusing."""
+    if value not in pretrained.INIT_CHECKPOINTS:
+        return value
+    found = pretrained.cached_init_checkpoint(value, model_name)
+    if found is not None:
+        return found
+    _, params = pretrained.recipe_for(value, model_name)
+    log.info("model.init_checkpoint=%s: building the demo's pretrained %s into the cache %s (once; a few minutes "
+             "on a CPU)", value, params.model, default_cache())
+    return str(demo_backbone(quick=pretrained.INIT_CHECKPOINTS[value], progress=progress)[1].weights)
 
 
 def zero_shot_accuracy(world: str | Path, weights: str | Path, model_name: str, device=None,

@@ -38,7 +38,7 @@ def own_data(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     base = tmp_path_factory.mktemp("own")
     mp.setenv("MOECL_CACHE", str(base / "cache"))
-    import moecl.demo as demo  # a small demo foundation: what `demo` resolves to is the point, not its size
+    import moecl.pretrained as demo  # a small demo foundation: what `demo` resolves to is the point, not its size
     mp.setattr(demo, "WORLD", dict(domains=["colors", "shapes"], image_size=32, train_per_class=2,
                                    test_per_class=4, pretrain_per_class=40, seed=0, held_out=0))
     mp.setattr(demo, "PRETRAIN", PretrainParams(model="moecl-tiny", steps=50, batch_size=64, lr=3e-3, warmup=5))

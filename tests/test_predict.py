@@ -152,7 +152,7 @@ def test_predict_streams_a_folder_as_json_lines_with_loader_processes(tiny, pred
     paths = _mixed(images, 40)
     ref = predictor.predict(paths)
     streamed = [r for b in Predictor(run, device="cpu", batch_size=6, loaded=predictor.run)
-                .predict_iter(paths, workers=2) for r in b]
+                .iter_predict(paths, workers=2) for r in b]
     assert [(r["image"], r["route"], r["top"][0]["label"]) for r in streamed] == \
         [(r["image"], r["route"], r["top"][0]["label"]) for r in ref]
     folder = tmp_path / "imgs"
@@ -161,12 +161,12 @@ def test_predict_streams_a_folder_as_json_lines_with_loader_processes(tiny, pred
         shutil.copy(p, folder / f"{i:03d}.png")
     (folder / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "out" / "pred.jsonl"
-    old, P.TABLE_MAX = P.TABLE_MAX, 10
+    old, P.MAX_SHOWN = P.MAX_SHOWN, 10
     try:
         assert main(["predict", str(run), "--images", str(folder), "--jsonl", str(out), "--workers", "2",
                      "--batch-size", "8"]) == 0
     finally:
-        P.TABLE_MAX = old
+        P.MAX_SHOWN = old
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 40 and not (tmp_path / "out" / "pred.jsonl.partial").exists()
     by_name = {Path(r["image"]).name: r for r in lines}
@@ -183,3 +183,41 @@ def test_predictions_are_deterministic_when_the_run_evaluates_on_training_crops(
     a, b = pred.predict(paths), pred.predict(paths)
     assert [[t["probability"] for t in r["top"]] for r in a] == [[t["probability"] for t in r["top"]] for r in b]
     assert pred.run.eval_tf is not pred.tf  # the evaluation itself still scores training crops
+def test_iter_predict_streams_with_bounded_memory(tiny, predictor):
+    """A generator of images is read one batch ahead at most; the batches' rows are predict()'s rows."""
+    _, _, images = tiny
+    paths = _mixed(images, 23)
+    chunked = Predictor(tiny[1], device="cpu", batch_size=5, loaded=predictor.run)
+    taken = []
+
+    def source():
+        for p in paths:
+            taken.append(p)
+            yield p
+
+    batches = []
+    for rows in chunked.iter_predict(source()):
+        assert len(taken) <= 5 * (len(batches) + 1), "more images read than one batch ahead"
+        batches.append(rows)
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+    streamed = [r for b in batches for r in b]
+    assert [(r["image"], r["route"], r["top"][0]["label"]) for r in streamed] == \
+        [(r["image"], r["route"], r["top"][0]["label"]) for r in predictor.predict(paths)]
+
+
+def test_cli_predict_jsonl_batches(tiny, tmp_path, capsys):
+    _, run, images = tiny
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, p in enumerate(_mixed(images, 9)):
+        shutil.copy(p, folder / f"{i}.png")
+    (folder / "9.png").write_bytes(b"not a png")  # unreadable: listed, skipped, the rest still predicted
+    out_jsonl, out_json = tmp_path / "p.jsonl", tmp_path / "p.json"
+    assert main(["predict", str(run), "--images", str(folder), "--batch-size", "4", "--top", "2", "--no-progress",
+                 "--jsonl", str(out_jsonl), "--json", str(out_json)]) == 0
+    captured = capsys.readouterr()
+    assert "1 unreadable image(s) skipped" in captured.err and str(out_jsonl) in captured.out
+    lines = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
+    assert len(lines) == 9 and lines == json.loads(out_json.read_text())
+    assert main(["predict", str(run), "--images", str(folder), "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -169,20 +170,25 @@ class Predictor:
     def _load(self, image: ImageInput) -> tuple[torch.Tensor, str]:
         return _load_image(image, self.tf)
 
-    def _batches(self, images: Sequence[ImageInput], workers: int):
-        """(loaded [(tensor, name)], unreadable [(name, reason)]) per batch of ``batch_size`` inputs, decoded by
-        ``workers`` loader processes (0: here); at most a few batches are held at once."""
-        if workers > 0 and all(isinstance(i, (str, Path)) for i in images):
+    def _batches(self, images: Iterable[ImageInput], workers: int):
+        """(loaded [(tensor, name)], unreadable [(name, reason)]) per batch of ``batch_size`` inputs: decoded by
+        ``workers`` loader processes for a list of files, else here, one batch at a time from any iterable (a
+        generator over a folder of any size); at most a few batches are held at once."""
+        if workers > 0 and isinstance(images, (list, tuple)) and all(isinstance(i, (str, Path)) for i in images):
             from torch.utils.data import DataLoader
             loader = DataLoader(_ImageFiles(list(images), self.tf), batch_size=self.batch_size,
                                 num_workers=workers, collate_fn=_split_unreadable, prefetch_factor=2)
             yield from loader
             return
-        for start in range(0, len(images), self.batch_size):
-            yield _split_unreadable([_try_load(img, self.tf) for img in images[start:start + self.batch_size]])
+        pending = iter(images)
+        while True:
+            chunk = list(itertools.islice(pending, self.batch_size))
+            if not chunk:
+                return
+            yield _split_unreadable([_try_load(img, self.tf) for img in chunk])
 
     @torch.no_grad()
-    def predict(self, images: Sequence[ImageInput], labels: Optional[Sequence[str]] = None,
+    def predict(self, images: Iterable[ImageInput], labels: Optional[Sequence[str]] = None,
                 task: Optional[str] = None, top: int = 5,
                 templates: Optional[Sequence[str]] = None,
                 skipped: Optional[list[tuple[str, str]]] = None) -> list[dict[str, Any]]:
@@ -192,11 +198,11 @@ class Predictor:
         routed task's classes (zero-shot: all classes of the sequence). ``labels="all-seen"``: every class
         of every learned task, whichever route an image takes (class-incremental use). ``skipped``: a list to
         receive ``(image, reason)`` for unreadable images, which are then left out instead of raising.
-        :meth:`predict_iter` yields the same results batch by batch (bounded memory for many images)."""
-        return [r for batch in self.predict_iter(images, labels, task, top, templates, skipped) for r in batch]
+        :meth:`iter_predict` yields the same results batch by batch (bounded memory for many images)."""
+        return [r for batch in self.iter_predict(images, labels, task, top, templates, skipped) for r in batch]
 
     @torch.no_grad()
-    def predict_iter(self, images: Sequence[ImageInput], labels: Optional[Sequence[str]] = None,
+    def iter_predict(self, images: Iterable[ImageInput], labels: Optional[Sequence[str]] = None,
                      task: Optional[str] = None, top: int = 5, templates: Optional[Sequence[str]] = None,
                      skipped: Optional[list[tuple[str, str]]] = None, workers: int = 0
                      ) -> Iterator[list[dict[str, Any]]]:
@@ -356,7 +362,18 @@ def _common_parent(names: list[str]) -> str:
 MAX_TOP = 1000
 
 
-TABLE_MAX = 200  # images listed on the terminal; beyond it only the route counts (the files hold every image)
+MAX_SHOWN = 200  # rows of the console table (every row goes to --jsonl / --json / --csv)
+
+
+def _open_jsonl(path: Optional[str]):
+    """The --jsonl file, opened before any image is scored (an unwritable path fails at once)."""
+    if not path:
+        return None
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise MoeclError(f"cannot write --jsonl {path}: {e.strerror or e}") from None
 
 
 def run_predict(args) -> int:
@@ -364,71 +381,62 @@ def run_predict(args) -> int:
     top = 5 if top is None else int(top)
     if not 1 <= top <= MAX_TOP:
         raise MoeclError(f"--top must be between 1 and {MAX_TOP} (labels shown per image), got {top}")
-    workers = int(getattr(args, "workers", 0) or 0)
-    batch_size = getattr(args, "batch_size", None)
-    if workers < 0 or (batch_size is not None and batch_size < 1):
-        raise MoeclError(f"--workers must be >= 0 and --batch-size >= 1 (got {workers}, {batch_size})")
     images = find_images(args.images)
     labels = [l.strip() for l in args.labels.split(",") if l.strip()] if getattr(args, "labels", None) else None
     if labels == [ALL_SEEN]:
         labels = ALL_SEEN
     if getattr(args, "labels", None) is not None and not labels:
         raise DataError("--labels is empty: give comma-separated label names, e.g. --labels \"cat,dog\"")
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        raise MoeclError(f"--batch-size must be at least 1, got {batch_size}")
+    workers = int(getattr(args, "workers", 0) or 0)
+    if workers < 0:
+        raise MoeclError(f"--workers must be at least 0, got {workers}")
     predictor = Predictor(args.run, getattr(args, "checkpoint", None), getattr(args, "device", None) or "auto",
                           batch_size=batch_size)
-    jsonl_path = getattr(args, "jsonl", None)
-    keep = bool(getattr(args, "json", None) or getattr(args, "csv", None)) or len(images) <= TABLE_MAX
     skipped: list[tuple[str, str]] = []
-    results: list[dict[str, Any]] = []
+    keep_all = bool(getattr(args, "json", None) or getattr(args, "csv", None))  # those files need every row
+    results: list[dict[str, Any]] = []  # every row (--json / --csv), else the first MAX_SHOWN for the table
     counts: dict[str, int] = {}
     done = 0
-    jsonl = None
-    if jsonl_path:
-        try:
-            Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
-            jsonl = open(f"{jsonl_path}.partial", "w", encoding="utf-8")  # renamed once complete
-        except OSError as e:
-            raise MoeclError(f"cannot write --jsonl {jsonl_path}: {e.strerror or e}") from None
+    jsonl = _open_jsonl(getattr(args, "jsonl", None))
     bar = None
-    if sys.stderr.isatty() and len(images) > predictor.batch_size:
+    if not getattr(args, "no_progress", False) and sys.stderr.isatty():
         from tqdm import tqdm
-        bar = tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True)
+        bar = tqdm(total=len(images), desc="predict", unit="image", dynamic_ncols=True, file=sys.stderr)
     try:
-        for batch in predictor.predict_iter(images, labels=labels, task=getattr(args, "task", None), top=top,
-                                            skipped=skipped, workers=workers):
-            for r in batch:
+        for rows in predictor.iter_predict(images, labels=labels, task=getattr(args, "task", None), top=top,
+                                           skipped=skipped, workers=workers):
+            for r in rows:
                 counts[r["route"]] = counts.get(r["route"], 0) + 1
                 if jsonl is not None:
                     jsonl.write(json.dumps(r) + "\n")
+            if keep_all or len(results) < MAX_SHOWN:
+                results.extend(rows if keep_all else rows[: MAX_SHOWN - len(results)])
+            done += len(rows)
             if jsonl is not None:
                 jsonl.flush()
-            if keep:
-                results.extend(batch)
             if bar is not None:
-                bar.update(len(batch) + len(skipped) - (bar.n - done))
-            done += len(batch)
+                bar.update(min(predictor.batch_size, len(images) - bar.n))
     finally:
         if bar is not None:
             bar.close()
         if jsonl is not None:
             jsonl.close()
-    if jsonl is not None:  # complete: the file appears under its name only now
-        Path(jsonl.name).replace(jsonl_path)
     if skipped:  # listed, as data_tools lists unreadable images; the readable ones are still predicted
         print(f"{len(skipped)} unreadable image(s) skipped:", file=sys.stderr)
         for name, reason in skipped:  # open_image's reason names the file already
             print("  " + _printable(reason if name in reason else f"{name}: {reason}"), file=sys.stderr)
     if not done:
         raise DataError(f"none of the {len(images)} image(s) could be read (listed above)")
-    if len(images) <= TABLE_MAX:
-        print(format_predictions(results, top))
-    elif not (jsonl_path or getattr(args, "json", None) or getattr(args, "csv", None)):
-        print(f"{done} images predicted; more than {TABLE_MAX}, so none are listed here: write them with --jsonl "
-              "(or --json / --csv)", file=sys.stderr)
+    print(format_predictions(results[:MAX_SHOWN], top))
+    if done > MAX_SHOWN:
+        print(f"(the first {MAX_SHOWN} of {done} images shown; --jsonl / --json / --csv hold them all)")
     print(f"{done} image(s); routes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
           + (f"; {len(skipped)} unreadable skipped" if skipped else ""), file=sys.stderr)
-    if jsonl_path:
-        print(f"wrote {jsonl_path}")
+    if getattr(args, "jsonl", None):
+        print(f"wrote {args.jsonl}")
     for option, target, write in (("--json", getattr(args, "json", None), lambda p: write_json(results, p)),
                                   ("--csv", getattr(args, "csv", None), lambda p: write_csv(results, p, top))):
         if target:

@@ -101,8 +101,8 @@ def init_checkpoint_path(cfg: ModelConfig) -> Optional[Path]:
     """``model.init_checkpoint`` as a file (``demo`` / ``demo-quick``: the cached demo weights), or None."""
     if not cfg.init_checkpoint:
         return None
-    from ..demo import resolve_init_checkpoint
-    path = Path(resolve_init_checkpoint(cfg.init_checkpoint, cfg.name, build=False)).expanduser()
+    from ..pretrained import resolve_init_checkpoint
+    path = Path(resolve_init_checkpoint(cfg.init_checkpoint, cfg.name)).expanduser()
     if not path.is_file():
         raise ConfigError(f"model.init_checkpoint={cfg.init_checkpoint!r}: no such file (give a safetensors file "
                           "of the whole open_clip model, or 'demo' for the demo's pretrained moecl-tiny)")

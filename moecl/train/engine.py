@@ -1,22 +1,13 @@
 """DeepSpeed engine per task: MoE param groups, AdamW, warmup + cosine (the JSON config: moecl/ds_config.py)."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ..config import Config
 from ..ds_config import autocast_dtype, ds_config, micro_batch, resolve_ds_config  # noqa: F401  (the trainer's names)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine to 0 at ``total`` (within one task)."""
-    if warmup and step < warmup:
-        return peak * (step + 1) / warmup
-    span = max(total - warmup, 1)
-    progress = min(max(step - warmup, 0) / span, 1.0)
-    return 0.5 * peak * (1.0 + math.cos(math.pi * progress))
+from ..schedule import lr_at  # noqa: F401  (the trainer's name)
 
 
 def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: Config, ds: dict[str, Any], lr: float):

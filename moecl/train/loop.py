@@ -252,8 +252,8 @@ class ContinualTrainer:
         (the other ranks wait, then read it). No weights at all: say so, once, before anything trains."""
         mcfg = self.cfg.model
         if mcfg.init_checkpoint and self.is_main:
-            from ..demo import resolve_init_checkpoint
-            resolve_init_checkpoint(mcfg.init_checkpoint, mcfg.name, progress=self.cfg.runtime.progress)
+            from ..pretrain import build_init_checkpoint
+            build_init_checkpoint(mcfg.init_checkpoint, mcfg.name, progress=self.cfg.runtime.progress)
         self._barrier()
         if self.is_main and not mcfg.pretrained and not mcfg.init_checkpoint:
             log.warning("the backbone %s is randomly initialised (no model.pretrained, no model.init_checkpoint): "
