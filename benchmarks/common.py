@@ -179,6 +179,15 @@ def adapter_params(model) -> list[torch.nn.Parameter]:
     return out
 
 
+def classify(feats: torch.Tensor, routes: torch.Tensor, heads: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Argmax per image against its route's class head (what the evaluator and predict do per route)."""
+    preds = torch.empty(feats.shape[0], dtype=torch.long, device=feats.device)
+    for r in routes.unique().tolist():
+        m = routes == r
+        preds[m] = (feats[m] @ heads[int(r)]).argmax(dim=1)
+    return preds
+
+
 def count(params) -> int:
     return sum(p.numel() for p in params)
 

@@ -71,11 +71,7 @@ def main() -> None:
         selector.thresholds = thresholds[kind].to(ctx.device, torch.float32)
 
     def classify(feats, routes):
-        preds = torch.empty(feats.shape[0], dtype=torch.long, device=feats.device)
-        for r in routes.unique().tolist():
-            m = routes == r
-            preds[m] = (feats[m] @ heads[int(r)]).argmax(dim=1)
-        return preds
+        return common.classify(feats, routes, heads)
 
     def plain():
         with torch.no_grad(), ctx.autocast():

@@ -105,11 +105,7 @@ def main() -> None:
         two_pass_sel.thresholds = torch.full((args.tasks,), float("inf"), device=ctx.device)
 
     def classify(feats, routes):
-        preds = torch.empty(feats.shape[0], dtype=torch.long, device=feats.device)
-        for r in routes.unique().tolist():
-            m = routes == r
-            preds[m] = (feats[m] @ heads[int(r)]).argmax(dim=1)
-        return preds
+        return common.classify(feats, routes, heads)
 
     def plain():
         with torch.no_grad(), ctx.autocast():
