@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..runstate.atomic import atomic_write
+
 log = logging.getLogger("moecl")
 
 FORMAT = 1
@@ -119,9 +121,7 @@ class FrozenCache:
         meta = {"key": key, "keys": json.dumps([k for ks in entry.keys for k in ks]), "read": json.dumps(entry.read),
                 "image_shape": json.dumps(list(entry.image_shape)), "sha256": _digest(tensors)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @staticmethod
     def _load(path: Path, key: str) -> Optional[SetFeatures]:

@@ -5,11 +5,12 @@ registry or the user's interactive backend; the same figure can go to a PNG or t
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from ..runstate.atomic import atomic_write
 
 
 def _figure(width: float, height: float):
@@ -109,13 +110,5 @@ def save_png(fig, path: Path) -> Path:
     """Write the figure as a PNG atomically (temp file + rename), so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        try:  # on a read-only folder this fails too and must not hide savefig's own error
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
