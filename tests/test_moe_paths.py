@@ -132,3 +132,46 @@ def test_both_paths_route_with_the_gate_logits_method(gathered, monkeypatch):
     after = _run(site, gathered, x, x[:, 0], ids, None)
     assert calls == [9]
     assert not torch.equal(site.counts, counts) and not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_site_equals_the_published_layer_on_identical_weights(train):
+    """moecl's MoE site (the gathered path every training and evaluation step runs) against the published
+    layer as METHOD.md describes it (``benchmarks/reference_path.py``: Shazeer's noisy top-k gate with a softmax
+    over the k selected logits, a Python loop over the experts, scatter-add): on the same weights and the same
+    noise draw, outputs and every gradient agree. The published gate renormalises differently (softmax of the
+    selected logits vs the selected probabilities over their sum): equal up to rounding."""
+    from benchmarks.reference_path import ReferenceMoE
+    site = _site()
+    site.train(train)
+    ref = ReferenceMoE(32, 6, 2, 8, 0.0, site.local_experts[0].scale, tasks=2).train(train)
+    with torch.no_grad():
+        for mine, theirs in zip(site.local_experts, ref.experts):
+            theirs.load_state_dict(mine.state_dict())
+        for t in range(2):
+            ref.w_gate[t].copy_(site.gate.routers[t])
+            ref.w_noise[t].copy_(site.gate.noise[t])
+    x0 = torch.randn(9, 5, 32, generator=torch.Generator().manual_seed(5))
+    results = []
+    for layer in (site, ref):
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(11)  # the same gate noise
+        out = layer(x, x[:, 0], torch.full((9,), 1), 1)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad))
+    (o1, gx1), (o2, gx2) = results
+    assert o1.abs().max() > 1e-2 and gx1.abs().max() > 1e-2
+    assert torch.allclose(o1, o2, atol=1e-6, rtol=0) and torch.allclose(gx1, gx2, atol=1e-6, rtol=0)
+    mine = {"routers.1": site.gate.routers[1].grad, "noise.1": site.gate.noise[1].grad}
+    theirs = {"routers.1": ref.w_gate[1].grad, "noise.1": ref.w_noise[1].grad}
+    for i, (a, b) in enumerate(zip(site.local_experts, ref.experts)):
+        for n, p in a.named_parameters():
+            mine[f"{i}.{n}"], theirs[f"{i}.{n}"] = p.grad, dict(b.named_parameters())[n].grad
+    used = [n for n, g in mine.items() if g is not None and g.abs().max() > 0]
+    assert len(used) >= 2 * 4 + (2 if train else 1)  # two experts at least, the router (and the noise when noisy)
+    for n in mine:
+        a, b = mine[n], theirs[n]
+        if a is None or b is None:
+            assert (a is None or not a.any()) and (b is None or not b.any()), n
+        else:
+            assert torch.allclose(a, b, atol=1e-6, rtol=0), n

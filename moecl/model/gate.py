@@ -46,6 +46,27 @@ def noisy_logits(clean: torch.Tensor, noise_logits: torch.Tensor, eps: float,
     return clean + noise * std
 
 
+def balance_loss(probs: torch.Tensor, idx: torch.Tensor, num_experts: int, k: int) -> torch.Tensor:
+    """DeepSpeed's top-k load-balancing loss from the gate probabilities [S, E] and the chosen experts [S, k]:
+    ``E^2 / k * mean_e(mean_s probs * mean_s chosen)``."""
+    mask = torch.zeros_like(probs).scatter_(1, idx, 1.0)
+    return (probs.mean(0) * mask.mean(0)).mean() * num_experts * num_experts / k
+
+
+def route_counts(idx: torch.Tensor, num_experts: int, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """How often each expert was chosen: idx [S, k] (every route kept); rows with ``active`` False not counted.
+    A scatter-add, not a bincount: the output's size is known, so the host never waits for the device."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=idx.device)
+    return counts.index_put_((idx.reshape(-1),), route_weights(idx, active), accumulate=True)
+
+
+def route_weights(idx: torch.Tensor, active: Optional[torch.Tensor]) -> torch.Tensor:
+    """1 per route of ``idx`` [S, k], 0 for the routes of inactive rows (long, for :func:`route_counts`)."""
+    if active is None:
+        return torch.ones((), dtype=torch.long, device=idx.device)
+    return active.to(torch.long).unsqueeze(1).expand(idx.shape).reshape(-1)
+
+
 def selection_counts(indices: torch.Tensor, num_experts: int, active: Optional[torch.Tensor] = None) -> torch.Tensor:
     """How often each expert was chosen: indices [k, S] (DeepSpeed's sparse routes; -1 = dropped)."""
     if active is not None:
@@ -69,8 +90,26 @@ class TaskRouterGate(TopKGate):
         self.drop_policy, self.noise_eps, self.shared_router = drop_policy, noise_eps, shared_router
         self.routers = nn.ParameterList()
         self.noise = nn.ParameterList()
-        self.last_counts: Optional[torch.Tensor] = None
+        self._last_routes: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        self.last_counts = None
         self.eval_noise = False  # noise at test time too (the published CIL evaluation); see MoECLIP.set_eval_gate_noise
+
+    @property
+    def last_counts(self) -> Optional[torch.Tensor]:
+        """Selection counts [E] of the last forward (computed on first read after the gathered path, which
+        only records its routes: the step itself needs just the running ``counts`` of the MoE site)."""
+        if self._last_counts is None and self._last_routes is not None:
+            idx, active = self._last_routes
+            self._last_counts = route_counts(idx, self.num_experts, active)
+        return self._last_counts
+
+    @last_counts.setter
+    def last_counts(self, value: Optional[torch.Tensor]) -> None:
+        self._last_counts, self._last_routes = value, None
+
+    def record_routes(self, idx: torch.Tensor, active: Optional[torch.Tensor]) -> None:
+        """The routes [S, k] of the last forward (and which rows were active); :attr:`last_counts` derives from them."""
+        self._last_counts, self._last_routes = None, (idx.detach(), active)
 
     @property
     def noisy(self) -> bool:

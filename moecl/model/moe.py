@@ -1,7 +1,6 @@
 """One MoE-adapter site: a DeepSpeed ``MoE`` layer with our gate, routing per sample or per token."""
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 from .. import compat
 from ..config import MoEConfig
 from .experts import AdapterExpert, GroupedExperts
-from .gate import RouteInput, TaskRouterGate
+from .gate import RouteInput, TaskRouterGate, balance_loss, route_weights
 
 
 class _AllGather(torch.autograd.Function):
@@ -43,27 +42,23 @@ class _AllGather(torch.autograd.Function):
 
 
 class _StackExperts(torch.autograd.Function):
-    """The weights of E experts as two tensors: ``[2E, r, d]`` (down weights, then up weights transposed) and
-    the biases ``[E*r + E*d]``. torch.stack/cat would do the same, but their backward hands each expert a view
-    of the stacked gradient, and the transposed up-weight views make autograd copy 22 gradients one by one;
-    here the backward transposes all up-weight gradients in one copy."""
+    """The weights of E experts as ``[2E, r, d]`` (down weights, then up weights transposed), the down biases
+    ``[E, r]`` and the up biases ``[E, d]``. torch.stack would do the same, but its backward hands each expert
+    a view of the stacked gradient, and the transposed up-weight views make autograd copy 22 gradients one by
+    one; here the backward transposes all up-weight gradients in one copy."""
 
     @staticmethod
     def forward(ctx, e: int, *tensors: torch.Tensor):
         down, up, b_down, b_up = (tensors[i * e:(i + 1) * e] for i in range(4))
         ctx.e = e
-        w = torch.stack(list(down) + [u.t() for u in up])
-        return w, torch.cat(list(b_down) + list(b_up))
+        return torch.stack(list(down) + [u.t() for u in up]), torch.stack(b_down), torch.stack(b_up)
 
     @staticmethod
-    def backward(ctx, grad_w: torch.Tensor, grad_b: torch.Tensor):
+    def backward(ctx, grad_w: torch.Tensor, grad_bd: torch.Tensor, grad_bu: torch.Tensor):
         e = ctx.e
-        r = grad_w.shape[1]
         down = grad_w[:e].unbind(0)
         up = grad_w[e:].transpose(1, 2).contiguous().unbind(0)
-        b_down = grad_b[:e * r].view(e, r).unbind(0)
-        b_up = grad_b[e * r:].view(e, -1).unbind(0)
-        return (None, *down, *up, *b_down, *b_up)
+        return (None, *down, *up, *grad_bd.unbind(0), *grad_bu.unbind(0))
 
 
 class MoEAdapter(MoE):
@@ -92,7 +87,9 @@ class MoEAdapter(MoE):
         # activate-freeze state, indexed by GLOBAL expert id
         self.register_buffer("counts", torch.zeros(cfg.num_experts, dtype=torch.long))
         self.register_buffer("frozen", torch.zeros(cfg.num_experts, dtype=torch.bool))
-        self.l_aux: Optional[torch.Tensor] = None
+        self.register_buffer("_one", torch.ones((), dtype=torch.long), persistent=False)  # a route's count
+        self._aux_routes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.l_aux = None
 
     # -- structure -------------------------------------------------------------------------------------
     @property
@@ -113,13 +110,28 @@ class MoEAdapter(MoE):
         return list(range(first, first + self.num_local_experts))
 
     # -- forward -----------------------------------------------------------------------------------------
+    @property
+    def l_aux(self) -> Optional[torch.Tensor]:
+        """Load-balancing loss of the last forward. With ``aux_loss_weight`` 0 it is only logged: the gathered
+        path then records its routes and the loss is computed here on first read, outside the step."""
+        if self._l_aux is None and self._aux_routes is not None:
+            probs, idx = self._aux_routes
+            with torch.no_grad():
+                self._l_aux = balance_loss(probs, idx, self.num_experts, self.gate.k)
+        return self._l_aux
+
+    @l_aux.setter
+    def l_aux(self, value: Optional[torch.Tensor]) -> None:
+        self._l_aux, self._aux_routes = value, None
+
     def forward(self, x: torch.Tensor, route_tokens: torch.Tensor, task_ids: torch.Tensor,
                 single_task: Optional[int] = None) -> torch.Tensor:
         """``x`` [B, L, d]; ``route_tokens`` [B, d] (the token each sample's router reads); ``task_ids`` [B]
         with -1 = plain CLIP. Returns the MoE output [B, L, d], exactly zero for rows with id -1."""
-        b, length, d = x.shape
+        if single_task is not None:  # every row takes the adapters of task ``single_task`` >= 0
+            return self._run(x, route_tokens, task_ids, single_task, None)
         active = task_ids >= 0
-        if self.ep_size == 1 and single_task is None:
+        if self.ep_size == 1:
             # skip plain-CLIP rows entirely (no collectives to keep in step when experts are local)
             if not bool(active.any()):
                 return torch.zeros_like(x)
@@ -129,8 +141,7 @@ class MoEAdapter(MoE):
                 sub = self._run(x[idx], route_tokens[idx], task_ids[idx], None, None)
                 return out.index_copy(0, idx, sub.to(out.dtype))
             return self._run(x, route_tokens, task_ids, None, None)
-        safe_ids = task_ids.clamp(min=0)
-        return self._run(x, route_tokens, safe_ids, single_task, None if single_task is not None else active)
+        return self._run(x, route_tokens, task_ids.clamp(min=0), None, active)
 
     def _run(self, x, route_tokens, task_ids, single_task, active) -> torch.Tensor:
         b, length, d = x.shape
@@ -160,29 +171,33 @@ class MoEAdapter(MoE):
         capacity padding (E x max-load rows for B x k routes), and without a host synchronisation: the
         selection counts stay on the device. With experts sharded (``ep_mode: gather``) the block's expert
         weights are all-gathered first and their gradients reduce-scattered back; ``active`` [B] bool then
-        marks the rows that take the adapters (the others get gate 0: an exactly zero output)."""
+        marks the rows that take the adapters (the others get gate 0: an exactly zero output).
+
+        Every operator here is one kernel launch on a GPU, so the step computes only what the update needs:
+        the load-balancing loss (when only logged) and :attr:`TaskRouterGate.last_counts` are derived from
+        the recorded routes when read; the running counts take one scatter-add."""
         gate = self.gate
         b, length, d = x.shape
         probs = gate.logits(route_tokens, task_ids, single_task).softmax(dim=1)
         top, idx = probs.topk(gate.k, dim=1)  # [B, k], as DeepSpeed's topkgating selects
-        g = top / top.sum(dim=1, keepdim=True).clamp(min=torch.finfo(top.dtype).eps)
-        mask = torch.zeros_like(probs).scatter_(1, idx, 1.0)
-        with contextlib.nullcontext() if self.aux_loss_weight else torch.no_grad():  # no graph when only logged
-            self.l_aux = (probs.mean(0) * mask.mean(0)).mean() * self.num_experts * self.num_experts / gate.k
+        g = top / top.sum(dim=1, keepdim=True)  # (the k largest of a softmax sum to >= k/E: no clamp needed)
+        if self.aux_loss_weight:
+            self.l_aux = balance_loss(probs, idx, self.num_experts, gate.k)
+        else:
+            self.l_aux, self._aux_routes = None, (probs.detach(), idx)
         if active is not None:
             g = g * active.to(g.dtype).unsqueeze(1)
-            mask = mask * active.to(mask.dtype).unsqueeze(1)
-        counts = mask.sum(0)  # [E], exact in fp32 (a bincount would sync the host to size its output)
-        gate.last_counts = counts.to(torch.long)
+        gate.record_routes(idx, active)
         if self.training and torch.is_grad_enabled() and not compat.in_backward():
-            self.counts += gate.last_counts.to(self.counts.device)
+            ones = self._one if active is None else route_weights(idx, active)
+            self.counts.index_put_((idx.reshape(-1),), ones, accumulate=True)
         first = self.local_experts[0]
         k, r, scale = gate.k, first.width, first.scale
         w, b_down, b_up = self._expert_tensors()
-        w = w.index_select(1, idx.reshape(-1))  # [2, B*k, r*d]
+        w_down, w_up = w.index_select(1, idx.reshape(-1)).unbind(0)  # [B*k, r*d] each
         gs = (g * scale).to(w.dtype)  # gate x scale of each (sample, expert), folded into the hidden units
-        wd = w[0].view(b, k * r, d).transpose(1, 2)  # [B, d, k*r]
-        wu = w[1].view(b, k * r, d)  # [B, k*r, d]
+        wd = w_down.view(b, k * r, d).transpose(1, 2)  # [B, d, k*r]
+        wu = w_up.view(b, k * r, d)  # [B, k*r, d]
         bd = b_down[idx].reshape(b, 1, k * r)
         bu = (b_up[idx] * gs[..., None]).sum(1, keepdim=True)  # [B, 1, d]
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -197,11 +212,12 @@ class MoEAdapter(MoE):
         experts = self.local_experts
         first = experts[0]
         r, d, e = first.width, first.dim, len(experts)
-        w, biases = _StackExperts.apply(e, *[ex.down.weight for ex in experts], *[ex.up.weight for ex in experts],
-                                        *[ex.down.bias for ex in experts], *[ex.up.bias for ex in experts])
+        w, b_down, b_up = _StackExperts.apply(
+            e, *[ex.down.weight for ex in experts], *[ex.up.weight for ex in experts],
+            *[ex.down.bias for ex in experts], *[ex.up.bias for ex in experts])
         if self.ep_size == 1:
-            return w.view(2, e, r * d), biases[:e * r].view(e, r), biases[e * r:].view(e, d)
-        flat = torch.cat([w.view(-1), biases])
+            return w.view(2, e, r * d), b_down, b_up
+        flat = torch.cat([w.view(-1), b_down.view(-1), b_up.view(-1)])
         if torch.is_grad_enabled() and not flat.requires_grad:
             # every local expert frozen: still take part in the backward's reduce-scatter (a collective)
             flat = flat.detach().requires_grad_()

@@ -466,6 +466,9 @@ class ContinualTrainer:
         skip_mode, bad = cfg.train.nan_policy == "skip", None
         # a skipped step must not count its routing toward activate-freeze either
         counts = [s.counts.clone() for s in self.model.moe_sites()] if skip_mode else None
+        logging_step = self.is_main and ((step + 1) % cfg.runtime.log_every == 0 or step + 1 == ts.total)
+        # the load-balancing loss enters the loss only when weighted; otherwise it is computed when logged
+        with_aux = bool(cfg.moe.aux_loss_weight) or logging_step
         ts.stats.new_step()
         for micro in range(cfg.train.grad_accum):
             images, labels = next(batches)
@@ -475,7 +478,7 @@ class ContinualTrainer:
             loss = task_loss(logits, labels, cfg.train.label_smoothing)
             if self.faults.nan_loss(t, step):
                 loss = loss * float("nan")
-            aux = self.model.aux_loss().to(loss.device)
+            aux = self.model.aux_loss().to(loss.device) if with_aux else None
             if cfg.moe.aux_loss_weight:
                 loss = loss + cfg.moe.aux_loss_weight * aux
             if not skip_mode:
@@ -492,7 +495,6 @@ class ContinualTrainer:
                 # count; the optimizer steps at the step() after the last micro-batch, below
                 ts.engine.step()
         self.faults.at("step", t, step)
-        logging_step = self.is_main and ((step + 1) % cfg.runtime.log_every == 0 or step + 1 == ts.total)
         ts.grad_norm = _grad_norm(ts.params) if logging_step else None  # before step() clears the gradients
         if skip_mode:
             self._optimizer_step(ts.engine, ts.optimizer, ts.params, bad, t, ts.task.name, step, counts)

@@ -54,9 +54,11 @@ class StepStats:
         self.skipped += (~ok).long()
         return torch.where(ok, loss, loss.nan_to_num(0.0) * 0.0)
 
-    def add(self, loss: torch.Tensor, aux: torch.Tensor, weight: float) -> None:
+    def add(self, loss: torch.Tensor, aux: Optional[torch.Tensor], weight: float) -> None:
+        """Add one micro-batch; ``aux`` None when the step did not compute it (read only at logging steps)."""
         self.loss += loss.detach().float() * weight
-        self.aux += aux.detach().float().to(self.device) * weight
+        if aux is not None:
+            self.aux += aux.detach().float().to(self.device) * weight
 
     def read(self) -> StepReport:
         """The host's view (one synchronisation); resets the non-finite record."""
