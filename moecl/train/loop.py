@@ -651,7 +651,8 @@ class ContinualTrainer:
         info = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
         self.progress.ddas.append(info)
         if self.is_main:
-            log.info("task %d: DDAS autoencoder on %d images, threshold %.5f", t + 1, len(feats), threshold)
+            log.info("task %d: DDAS %s on %d images, threshold %.5f", t + 1, self.cfg.ddas.scorer, len(feats),
+                     threshold)
             self.writer.add_scalar("ddas/threshold", threshold, t)
 
     def _fit_reference_ddas(self, t: int, task) -> None:
