@@ -6,8 +6,9 @@ places. They all live here, and ``tests/test_compat.py`` checks each against the
 upgrade that breaks one fails there, by name, instead of deep inside a training run. The supported DeepSpeed
 range is checked when this module is imported (``moecl.model`` imports it).
 
-open_clip needs no shim: the shipped backbones are added with its public ``add_model_config`` and
-resolved with ``list_models``/``create_model`` (``moecl.backbones``).
+open_clip: the shipped backbones are added with its public ``add_model_config`` and resolved with
+``list_models``/``create_model`` (``moecl.backbones``); the one semi-private function used, the text tower's
+pooling (``text_global_pool``), is reached through :func:`text_global_pool` below.
 """
 from __future__ import annotations
 
@@ -127,3 +128,15 @@ def optimizer_loads_every_rank(optimizer) -> bool:
     than this rank's own state (torch optimizers, DeepSpeed's fp16/fp32 wrappers)."""
     params = list(inspect.signature(optimizer.load_state_dict).parameters)
     return bool(params) and params[0] == "state_dict_list"
+
+
+def text_global_pool(x: torch.Tensor, text: torch.Tensor, pool_type: str,
+                     eos_token_id: Optional[int] = None) -> torch.Tensor:
+    """open_clip's pooling of the text tower's output (``argmax``: the EOT token of each prompt; ``last``,
+    ``first``, ``eos``), which the prompt-length encoder calls after running the blocks itself."""
+    try:
+        from open_clip.transformer import text_global_pool as pool
+    except ImportError as e:  # moved or renamed in a later open_clip
+        raise ImportError("open_clip.transformer.text_global_pool is gone in this open_clip version; moecl's "
+                          "trimmed text encoder needs it (run tests/test_compat.py after an upgrade)") from e
+    return pool(x, text, pool_type, eos_token_id=eos_token_id)

@@ -158,3 +158,11 @@ def test_shipped_backbones_resolve_through_open_clips_public_registry():
     from moecl.backbones import tiny_model_names
     assert set(tiny_model_names()) <= set(open_clip.list_models())
     assert callable(open_clip.add_model_config)
+
+
+def test_text_pooling_takes_each_prompts_end_of_text_token():
+    """The trimmed text encoder pools through open_clip's ``text_global_pool`` (``compat.text_global_pool``)."""
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    text = torch.tensor([[1, 7, 9, 0, 0], [1, 4, 5, 6, 9]])  # EOT (the largest id) at 2 and 4
+    pooled = compat.text_global_pool(x, text, "argmax")
+    assert torch.equal(pooled, torch.stack([x[0, 2], x[1, 4]]))

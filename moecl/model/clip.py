@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import compat
 from ..config import MoEConfig, ModelConfig
 from ..methods import get_method
 from .backbone import text_towers
@@ -324,7 +325,6 @@ class MoECLIP(nn.Module):
     def _encode_text_short(self, text: torch.Tensor) -> torch.Tensor:
         """open_clip's ``CLIP.encode_text`` for a context shorter than the model's: the positional embedding
         and the causal mask sliced to ``n`` tokens."""
-        from open_clip.transformer import text_global_pool
         clip, n = self.clip, text.shape[1]
         cast_dtype = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(text).to(cast_dtype)
@@ -332,7 +332,7 @@ class MoECLIP(nn.Module):
         mask = clip.attn_mask[:n, :n] if clip.attn_mask is not None else None
         x = clip.transformer(x, attn_mask=mask)
         x = clip.ln_final(x)
-        x = text_global_pool(x, text, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        x = compat.text_global_pool(x, text, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
         if clip.text_projection is not None:
             x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
         return x
