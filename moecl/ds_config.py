@@ -48,6 +48,13 @@ def ds_config(cfg: Config, world_size: int, device: torch.device) -> dict[str, A
                           f"{cfg.data.batch_size}; leave it \"auto\"")
     if cfg.train.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = cfg.train.zero_stage
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2) or isinstance(stage, bool):
+        # ZeRO-3 partitions the frozen backbone's parameters too, and its optimizer state reloads differently:
+        # moecl's checkpoints and resume are built and tested for stages 0-2 (the trainable state is small)
+        raise ConfigError(f"{path}: zero_optimization.stage={stage!r} is not supported; use 0, 1 or 2 "
+                          "(moecl's trainable adapters and routers are small enough for ZeRO-2)")
     if device.type != "cuda":
         for key in ("bf16", "fp16"):
             if ds.get(key, {}).get("enabled"):

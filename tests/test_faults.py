@@ -221,6 +221,13 @@ def test_batch_not_divisible_across_ranks_and_bad_ds_config_are_named(tmp_path):
     half.write_text('{"bf16": {"enabled": true}}')
     with pytest.raises(ConfigError, match="enables bf16 but there is no GPU"):
         ds_config(load_config("tiny", [f"train.ds_config={half}"]), 1, torch.device("cpu"))
+    for stage in ("3", '"2"', "true"):  # ZeRO-3 (untested for moecl's checkpoints) and non-integer stages
+        zero = tmp_path / "zero.json"
+        zero.write_text('{"zero_optimization": {"stage": %s}}' % stage)
+        with pytest.raises(ConfigError, match=r"zero\.json: zero_optimization\.stage=.* is not supported; use 0, 1 or 2"):
+            ds_config(load_config("tiny", [f"train.ds_config={zero}"]), 1, torch.device("cpu"))
+    zero.write_text('{"zero_optimization": {"stage": 2}}')
+    assert ds_config(load_config("tiny", [f"train.ds_config={zero}"]), 1, torch.device("cpu"))["zero_optimization"] == {"stage": 2}
 
 
 def test_label_out_of_range_is_a_skipped_sample():
