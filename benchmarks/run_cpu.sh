@@ -36,11 +36,16 @@ if want floor; then  # the issue-17 ratios: moecl vs floor (prompts trimmed as t
     --variants moecl,floor --out $R/cpu_train_step_small_floor.json
   run $PY -m benchmarks.train_step $T --model ViT-B-16-quickgelu --batch 4 --classes 10 --steps 4 --warmup 1 \
     --rounds 4 --variants moecl,floor --out $R/cpu_train_step_vitb16_floor.json
+  # the issue's shape: ViT-B/16 at batch 64 (about 90 s per step on one thread: ~25 min)
+  run $PY -m benchmarks.train_step $T --model ViT-B-16-quickgelu --batch 64 --classes 10 --steps 6 --warmup 1 \
+    --rounds 6 --variants moecl,floor --out $R/cpu_train_step_vitb16_b64_floor.json
 fi
 
 if want ops; then  # dispatched operators and host syncs per training step (exact, load-independent)
   run $PY -m benchmarks.step_ops $T --model moecl-small --batch 64 --classes 20 --steps 2 \
     --variants moecl,floor,reference --out $R/cpu_step_ops_small.json
+  run $PY -m benchmarks.step_ops $T --model ViT-B-16-quickgelu --batch 4 --classes 10 --steps 1 \
+    --variants moecl,floor --out $R/cpu_step_ops_vitb16.json
 fi
 
 if want layer; then  # (c) one MoE layer vs DeepSpeed's stock per-token MoE
