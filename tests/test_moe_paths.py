@@ -175,3 +175,19 @@ def test_site_equals_the_published_layer_on_identical_weights(train):
             assert (a is None or not a.any()) and (b is None or not b.any()), n
         else:
             assert torch.allclose(a, b, atol=1e-6, rtol=0), n
+
+
+def test_route_counts_and_balance_loss_are_the_plain_formulas():
+    """The gate's small functions the gathered path records its routes with: counts per expert of the active
+    rows' routes (a scatter-add with the output size known, so no host sync), and DeepSpeed's top-k balance loss."""
+    from moecl.model.gate import balance_loss, route_counts
+    idx = torch.tensor([[0, 3], [3, 1], [3, 0], [2, 1]])
+    active = torch.tensor([True, False, True, True])
+    assert route_counts(idx, 5).tolist() == [2, 2, 1, 3, 0]
+    assert route_counts(idx, 5, active).tolist() == [2, 1, 1, 2, 0]
+    probs = torch.softmax(torch.randn(4, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    chosen = torch.zeros(4, 5)
+    for s, (a, b) in enumerate(idx.tolist()):
+        chosen[s, a] = chosen[s, b] = 1.0
+    expected = sum(probs[:, e].mean() * chosen[:, e].mean() for e in range(5)) / 5 * 5 * 5 / 2
+    assert torch.allclose(balance_loss(probs, idx, 5, 2), expected, atol=1e-7)
