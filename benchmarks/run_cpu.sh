@@ -17,7 +17,7 @@ R=benchmarks/results
 mkdir -p "$R"
 T="--threads 1 --device cpu"
 part=${1:-all}
-run() { echo "+ $*" >&2; "$@"; }
+run() { echo "+ $*" >&2; [ -n "${DRY:-}" ] || "$@"; }  # DRY=1: print the commands, run nothing
 want() { [ "$part" = all ] || [ "$part" = "$1" ]; }
 
 if want train; then  # (a) moecl vs floor, (b) vs the published path

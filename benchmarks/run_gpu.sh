@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/run_gpu.sh            # everything (about 25 min on one H100)
 #   bash benchmarks/run_gpu.sh train      # one part: train | ops | layer | inference | memory | data | project | profile | ep | single
+#   bash benchmarks/run_gpu.sh quick      # issue 17's GPU targets only, a few short runs sized for a 15-minute device lease
+#   DRY=1 bash benchmarks/run_gpu.sh      # print the commands, run nothing (tests/test_benchmarks.py parses each one)
 #
 # Targets (ViT-B/16 random weights, 22 experts, top-2, bf16, 224 px):
 #   (a) moecl step <= 1.10 x floor at batch 64, <= 1.06 x at 256 (issue 17) -> gpu_train_step_vitb16_b{64,256}.json ratios["moecl/floor"]
@@ -21,8 +23,22 @@ R=benchmarks/results
 mkdir -p "$R"
 B16="--model ViT-B-16-quickgelu --experts 22 --top-k 2 --precision bf16"
 part=${1:-all}
-run() { echo "+ $*" >&2; "$@"; }
+run() { echo "+ $*" >&2; [ -n "${DRY:-}" ] || "$@"; }
 want() { [ "$part" = all ] || [ "$part" = "$1" ]; }
+
+if [ "$part" = quick ]; then  # issue 17 on one GPU: step <= 1.10x / 1.06x the floor at 64 / 256, operators, memory
+  run $PY -m benchmarks.train_step $B16 --batch 64 --classes 100 --steps 20 --warmup 5 --rounds 2 \
+    --variants moecl,floor,reference --out $R/gpu_train_step_vitb16_b64.json
+  run $PY -m benchmarks.train_step $B16 --batch 256 --classes 100 --steps 10 --warmup 3 --rounds 2 \
+    --variants moecl,floor --out $R/gpu_train_step_vitb16_b256.json
+  run $PY -m benchmarks.step_ops $B16 --batch 64 --classes 100 --steps 1 --variants moecl,floor \
+    --out $R/gpu_step_ops_vitb16_b64.json
+  run $PY -m benchmarks.memory $B16 --batch 64 --classes 100 --steps 2 --variants moecl,moecl+ckpt \
+    --out $R/gpu_memory_vitb16_b64.json
+  run $PY -m benchmarks.memory --model ViT-L-14 --experts 22 --top-k 2 --precision bf16 --batch 64 --classes 100 \
+    --steps 2 --variants moecl+ckpt --out $R/gpu_memory_ViT_L_14_b64.json
+  exit 0
+fi
 
 if want train; then
   run $PY -m benchmarks.train_step $B16 --batch 64 --classes 100 --steps 30 --warmup 5 --rounds 3 \
@@ -89,7 +105,7 @@ if want profile; then
 fi
 
 if want ep; then  # needs 2 GPUs on one node
-  if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  if [ -n "${DRY:-}" ] || [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     run torchrun --nproc_per_node 2 -m benchmarks.ep_scaling $B16 --batch 128 --classes 100 --steps 20 --warmup 5 \
       --configs 1,2:gather,2:all-to-all --out $R/gpu_ep_scaling_vitb16.json
   else

@@ -84,3 +84,38 @@ def _checkpointing_variants(args, common, train_step, ctx):
     for name in ("moecl+ckpt", "moecl+fsckpt"):
         for a, b in zip(grads["moecl"], grads[name]):
             assert torch.allclose(a, b, atol=1e-7, rtol=0), name
+
+
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script,part", [("run_gpu.sh", "all"), ("run_gpu.sh", "quick"), ("run_cpu.sh", "all")])
+def test_every_command_of_the_run_scripts_parses(script, part, monkeypatch):
+    """The GPU script cannot run here: each of its commands (and the CPU script's) is printed with ``DRY=1`` and
+    parsed by its own module's argument parser, so a renamed or mistyped flag fails here and not on a GPU lease."""
+    import argparse
+    import importlib
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / script), part], env={**os.environ, "DRY": "1"},
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    commands = [line[2:].split() for line in out.stderr.splitlines() if line.startswith("+ ")]
+    assert len(commands) >= 5
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        real(self, args, namespace)
+        raise _Parsed()
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    for argv in commands:
+        module = argv[argv.index("-m") + 1]
+        assert module.startswith("benchmarks."), argv
+        monkeypatch.setattr(sys, "argv", [module] + argv[argv.index("-m") + 2:])
+        try:
+            importlib.import_module(module).main()
+        except _Parsed:
+            continue
+        except SystemExit as e:
+            pytest.fail(f"{script}: `{' '.join(argv)}` does not parse (exit {e.code})")
+        pytest.fail(f"{script}: `{' '.join(argv)}` ran without parsing its arguments")
