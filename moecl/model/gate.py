@@ -53,27 +53,25 @@ def balance_loss(probs: torch.Tensor, idx: torch.Tensor, num_experts: int, k: in
     return (probs.mean(0) * mask.mean(0)).mean() * num_experts * num_experts / k
 
 
+def route_weights(idx: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1 per kept route of ``idx`` [S, k] (long); 0 for a dropped route (-1) and for the routes of a row whose
+    ``active`` is False."""
+    keep = idx >= 0
+    if active is not None:
+        keep = keep & active.unsqueeze(1)
+    return keep.reshape(-1).long()
+
+
 def route_counts(idx: torch.Tensor, num_experts: int, active: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """How often each expert was chosen: idx [S, k] (every route kept); rows with ``active`` False not counted.
+    """How often each expert was chosen: idx [S, k] (-1 = dropped), rows with ``active`` False not counted.
     A scatter-add, not a bincount: the output's size is known, so the host never waits for the device."""
     counts = torch.zeros(num_experts, dtype=torch.long, device=idx.device)
-    return counts.index_put_((idx.reshape(-1),), route_weights(idx, active), accumulate=True)
-
-
-def route_weights(idx: torch.Tensor, active: Optional[torch.Tensor]) -> torch.Tensor:
-    """1 per route of ``idx`` [S, k], 0 for the routes of inactive rows (long, for :func:`route_counts`)."""
-    if active is None:
-        return torch.ones((), dtype=torch.long, device=idx.device)
-    return active.to(torch.long).unsqueeze(1).expand(idx.shape).reshape(-1)
+    return counts.index_put_((idx.clamp(min=0).reshape(-1).long(),), route_weights(idx, active), accumulate=True)
 
 
 def selection_counts(indices: torch.Tensor, num_experts: int, active: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """How often each expert was chosen: indices [k, S] (DeepSpeed's sparse routes; -1 = dropped)."""
-    if active is not None:
-        indices = indices[:, active]
-    idx = indices.reshape(-1).long()
-    idx = idx[idx >= 0]
-    return torch.bincount(idx, minlength=num_experts)
+    """:func:`route_counts` of DeepSpeed's sparse routes, laid out [k, S]."""
+    return route_counts(indices.t(), num_experts, active)
 
 
 class TaskRouterGate(TopKGate):
@@ -90,26 +88,35 @@ class TaskRouterGate(TopKGate):
         self.drop_policy, self.noise_eps, self.shared_router = drop_policy, noise_eps, shared_router
         self.routers = nn.ParameterList()
         self.noise = nn.ParameterList()
-        self._last_routes: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        self._routes: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
         self.last_counts = None
         self.eval_noise = False  # noise at test time too (the published CIL evaluation); see MoECLIP.set_eval_gate_noise
 
     @property
     def last_counts(self) -> Optional[torch.Tensor]:
-        """Selection counts [E] of the last forward (computed on first read after the gathered path, which
-        only records its routes: the step itself needs just the running ``counts`` of the MoE site)."""
-        if self._last_counts is None and self._last_routes is not None:
-            idx, active = self._last_routes
+        """Selection counts [E] of the last forward (derived on first read from the routes the gathered path
+        records: the step itself needs only the MoE site's running ``counts``)."""
+        if self._last_counts is None and self._routes is not None:
+            _, idx, active = self._routes
             self._last_counts = route_counts(idx, self.num_experts, active)
         return self._last_counts
 
     @last_counts.setter
     def last_counts(self, value: Optional[torch.Tensor]) -> None:
-        self._last_counts, self._last_routes = value, None
+        self._last_counts, self._routes = value, None
 
-    def record_routes(self, idx: torch.Tensor, active: Optional[torch.Tensor]) -> None:
-        """The routes [S, k] of the last forward (and which rows were active); :attr:`last_counts` derives from them."""
-        self._last_counts, self._last_routes = None, (idx.detach(), active)
+    def record_routes(self, probs: torch.Tensor, idx: torch.Tensor, active: Optional[torch.Tensor]) -> None:
+        """The last forward's gate probabilities [S, E], routes [S, k] and active rows, from which
+        :attr:`last_counts` and :meth:`recorded_balance_loss` are derived when read."""
+        self._last_counts, self._routes = None, (probs.detach(), idx.detach(), active)
+
+    def recorded_balance_loss(self) -> Optional[torch.Tensor]:
+        """:func:`balance_loss` of the recorded routes (no graph: only for logging); None if none recorded."""
+        if self._routes is None:
+            return None
+        probs, idx, _ = self._routes
+        with torch.no_grad():
+            return balance_loss(probs, idx, self.num_experts, self.k)
 
     @property
     def noisy(self) -> bool:

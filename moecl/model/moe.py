@@ -88,8 +88,7 @@ class MoEAdapter(MoE):
         self.register_buffer("counts", torch.zeros(cfg.num_experts, dtype=torch.long))
         self.register_buffer("frozen", torch.zeros(cfg.num_experts, dtype=torch.bool))
         self.register_buffer("_one", torch.ones((), dtype=torch.long), persistent=False)  # a route's count
-        self._aux_routes: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        self.l_aux = None
+        self._l_aux: Optional[torch.Tensor] = None
 
     # -- structure -------------------------------------------------------------------------------------
     @property
@@ -113,16 +112,14 @@ class MoEAdapter(MoE):
     @property
     def l_aux(self) -> Optional[torch.Tensor]:
         """Load-balancing loss of the last forward. With ``aux_loss_weight`` 0 it is only logged: the gathered
-        path then records its routes and the loss is computed here on first read, outside the step."""
-        if self._l_aux is None and self._aux_routes is not None:
-            probs, idx = self._aux_routes
-            with torch.no_grad():
-                self._l_aux = balance_loss(probs, idx, self.num_experts, self.gate.k)
+        path leaves it to the gate's recorded routes, and it is computed on first read, outside the step."""
+        if self._l_aux is None:
+            self._l_aux = self.gate.recorded_balance_loss()
         return self._l_aux
 
     @l_aux.setter
     def l_aux(self, value: Optional[torch.Tensor]) -> None:
-        self._l_aux, self._aux_routes = value, None
+        self._l_aux = value
 
     def forward(self, x: torch.Tensor, route_tokens: torch.Tensor, task_ids: torch.Tensor,
                 single_task: Optional[int] = None) -> torch.Tensor:
@@ -181,13 +178,10 @@ class MoEAdapter(MoE):
         probs = gate.logits(route_tokens, task_ids, single_task).softmax(dim=1)
         top, idx = probs.topk(gate.k, dim=1)  # [B, k], as DeepSpeed's topkgating selects
         g = top / top.sum(dim=1, keepdim=True)  # (the k largest of a softmax sum to >= k/E: no clamp needed)
-        if self.aux_loss_weight:
-            self.l_aux = balance_loss(probs, idx, self.num_experts, gate.k)
-        else:
-            self.l_aux, self._aux_routes = None, (probs.detach(), idx)
+        gate.record_routes(probs, idx, active)
+        self.l_aux = balance_loss(probs, idx, self.num_experts, gate.k) if self.aux_loss_weight else None
         if active is not None:
             g = g * active.to(g.dtype).unsqueeze(1)
-        gate.record_routes(idx, active)
         if self.training and torch.is_grad_enabled() and not compat.in_backward():
             ones = self._one if active is None else route_weights(idx, active)
             self.counts.index_put_((idx.reshape(-1),), ones, accumulate=True)
