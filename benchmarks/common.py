@@ -188,6 +188,36 @@ def classify(feats: torch.Tensor, routes: torch.Tensor, heads: dict[int, torch.T
     return preds
 
 
+def threshold_cases(selector, feats: torch.Tensor, tasks: int) -> dict[str, torch.Tensor]:
+    """The DDAS thresholds the inference benchmarks time: every image routed (``in``), about half of them (the
+    median of each image's lowest error: ``half``), none (``out``)."""
+    errors = selector.errors(feats)  # [N, T]
+    return {"in": torch.full((tasks,), float("inf")),
+            "half": errors.min(dim=1).values.median().repeat(tasks).cpu() * 1.0000001,
+            "out": torch.zeros(tasks)}
+
+
+def set_thresholds(selector, cases: dict[str, torch.Tensor], kind: str, device) -> None:
+    selector.thresholds = cases[kind].to(device, torch.float32)
+
+
+def routed_fractions(selector, feats: torch.Tensor, cases: dict[str, torch.Tensor], device) -> dict[str, float]:
+    """Share of ``feats`` the selector routes to a task under each of ``cases`` (left at the last case)."""
+    out = {}
+    for kind in cases:
+        set_thresholds(selector, cases, kind, device)
+        out[kind] = float((selector.select(feats) >= 0).float().mean())
+    return out
+
+
+def zero_shot_predict(model, images: torch.Tensor, heads: dict[int, torch.Tensor], ctx: "Ctx") -> torch.Tensor:
+    """Plain CLIP's prediction: the untouched backbone's features against the zero-shot head."""
+    from moecl.routes import ZERO_SHOT
+    with torch.no_grad(), ctx.autocast():
+        f = model.encode_image(images, ZERO_SHOT, normalize=True).float()
+    return (f @ heads[ZERO_SHOT]).argmax(dim=1)
+
+
 def count(params) -> int:
     return sum(p.numel() for p in params)
 

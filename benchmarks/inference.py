@@ -62,21 +62,10 @@ def main() -> None:
     for t in range(args.tasks):
         selector.add_task(TaskAutoencoder(embed, args.ae_hidden, generator=torch.Generator().manual_seed(t)), 0.0)
     selector.to(ctx.device)
-    errors = selector.errors(plain_feats)  # [N, T]
-    thresholds = {"in": torch.full((args.tasks,), float("inf")),
-                  "half": errors.min(dim=1).values.median().repeat(args.tasks).cpu() * 1.0000001,
-                  "out": torch.zeros(args.tasks)}
-
-    def set_thresholds(kind: str) -> None:
-        selector.thresholds = thresholds[kind].to(ctx.device, torch.float32)
-
-    def classify(feats, routes):
-        return common.classify(feats, routes, heads)
+    thresholds = common.threshold_cases(selector, plain_feats, args.tasks)
 
     def plain():
-        with torch.no_grad(), ctx.autocast():
-            f = model.encode_image(images, ZERO_SHOT, normalize=True).float()
-        return (f @ heads[ZERO_SHOT]).argmax(dim=1)
+        return common.zero_shot_predict(model, images, heads, ctx)
 
     def oracle(m=model):
         with torch.no_grad(), ctx.autocast():
@@ -87,7 +76,7 @@ def main() -> None:
         model = m
 
         def run():
-            set_thresholds(kind)
+            common.set_thresholds(selector, thresholds, kind, ctx.device)
             with torch.no_grad(), ctx.autocast():
                 pf = model.encode_image(images, ZERO_SHOT, normalize=True).float()
                 routes = selector.select(pf, decision="sample").to(images.device)
@@ -98,7 +87,7 @@ def main() -> None:
                     idx = (routes >= 0).nonzero().squeeze(1)
                     if idx.numel():
                         feats[idx] = model.encode_image(images[idx], routes[idx], normalize=True).float()
-            return classify(feats, routes)
+            return common.classify(feats, routes, heads)
         return run
 
     table = {"plain": plain, "oracle": oracle, "ddas-in": ddas("in"), "ddas-half": ddas("half"),
@@ -108,10 +97,7 @@ def main() -> None:
         if n not in table:
             raise SystemExit(f"unknown variant {n!r}; choose from {', '.join(ALL)}")
     fns = {n: table[n] for n in names}
-    routed = {}
-    for kind in ("in", "half", "out"):
-        set_thresholds(kind)
-        routed[kind] = float((selector.select(plain_feats) >= 0).float().mean())
+    routed = common.routed_fractions(selector, plain_feats, thresholds, ctx.device)
     print(f"timing {', '.join(names)}: {common.describe(ctx, args)}, {args.tasks} tasks; routed fraction "
           + ", ".join(f"{k} {v:.2f}" for k, v in routed.items()), file=sys.stderr, flush=True)
     timings = common.time_variants(fns, ctx, args.steps, args.warmup, args.rounds)

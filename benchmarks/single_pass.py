@@ -93,10 +93,7 @@ def main() -> None:
         return sel.to(ctx.device)
 
     selector = scorers(token.shape[1], token)
-    errors = selector.errors(token)
-    thresholds = {"in": torch.full((args.tasks,), float("inf")),
-                  "half": errors.min(dim=1).values.median().repeat(args.tasks).cpu() * 1.0000001,
-                  "out": torch.zeros(args.tasks)}
+    thresholds = common.threshold_cases(selector, token, args.tasks)
     two_pass_sel = None
     if default is not None:
         with torch.no_grad(), ctx.autocast():
@@ -104,20 +101,15 @@ def main() -> None:
         two_pass_sel = scorers(embed, pf)
         two_pass_sel.thresholds = torch.full((args.tasks,), float("inf"), device=ctx.device)
 
-    def classify(feats, routes):
-        return common.classify(feats, routes, heads)
-
     def plain():
-        with torch.no_grad(), ctx.autocast():
-            f = plain_model.encode_image(images, ZERO_SHOT, normalize=True).float()
-        return (f @ heads[ZERO_SHOT]).argmax(dim=1)
+        return common.zero_shot_predict(plain_model, images, heads, ctx)
 
     def single(kind: str):
         def run():
-            selector.thresholds = thresholds[kind].to(ctx.device, torch.float32)
+            common.set_thresholds(selector, thresholds, kind, ctx.device)
             with torch.no_grad(), ctx.autocast():
                 feats, routes, _ = single_pass(layout, images, selector)
-            return classify(feats, routes)
+            return common.classify(feats, routes, heads)
         return run
 
     def two_pass():  # the evaluator's path before the layout (Evaluator.routes_for + routed encode)
@@ -125,14 +117,11 @@ def main() -> None:
             pf = default.encode_image(images, ZERO_SHOT, normalize=True).float()
             routes = two_pass_sel.select(pf).to(images.device)
             feats = default.encode_image(images, routes, normalize=True).float()
-        return classify(feats, routes)
+        return common.classify(feats, routes, heads)
 
     table = {"plain": plain, "single-in": single("in"), "single-half": single("half"), "single-out": single("out"),
              "two-pass-in": two_pass}
-    routed = {}
-    for kind in ("in", "half", "out"):
-        selector.thresholds = thresholds[kind].to(ctx.device, torch.float32)
-        routed[kind] = float((selector.select(token) >= 0).float().mean())
+    routed = common.routed_fractions(selector, token, thresholds, ctx.device)
     print(f"timing {', '.join(names)}: {common.describe(ctx, args)}, {args.tasks} tasks, image blocks {blocks} of "
           f"{depth}, scorer {args.scorer}; routed fraction " + ", ".join(f"{k} {v:.2f}" for k, v in routed.items()),
           file=sys.stderr, flush=True)
