@@ -1,4 +1,4 @@
-"""Shared test helpers: launching real multi-process runs."""
+"""Shared test helpers: launching real multi-process runs; inputs and non-trivial adapter weights for the tiny model."""
 import json
 import os
 import re
@@ -106,3 +106,22 @@ def steps_per_process(step_log: Path, rank: int = 0) -> list[list[tuple[int, int
         if kind == "step" and int(rest[0]) == rank:
             runs.setdefault(pid, []).append((int(rest[1]), int(rest[2])))
     return list(runs.values())
+
+
+def inputs(n_img=6, texts=("a red circle", "a blue square", "the glyph q")):
+    """Fixed images [n_img, 3, 32, 32] and tokenized prompts for the tiny CLIP."""
+    import open_clip
+    import torch
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n_img, 3, 32, 32, generator=g), open_clip.get_tokenizer("moecl-tiny")(list(texts))
+
+
+def scramble(model, std=0.5):
+    """Give experts and routers non-trivial values so routing and adapters matter."""
+    import torch
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for site in model.moe_sites():
+            for p in site.parameters():
+                if p.dtype.is_floating_point:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)

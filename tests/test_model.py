@@ -8,27 +8,14 @@ from moecl.config import ConfigError, ModelConfig, MoEConfig
 from moecl.model import AdapterExpert, MoEAdapter, build_model, noisy_logits, selection_counts, task_logits
 from moecl.runstate.adapters import load_adapter_state, save_adapter_state
 
+from helpers import inputs, scramble
+
 TINY = ModelConfig(name="moecl-tiny")
 
 
 def tiny(**moe):
     torch.manual_seed(0)
     return build_model(TINY, MoEConfig(**{"num_experts": 4, "width": 8, **moe}))
-
-
-def inputs(n_img=6, texts=("a red circle", "a blue square", "the glyph q")):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n_img, 3, 32, 32, generator=g), open_clip.get_tokenizer("moecl-tiny")(list(texts))
-
-
-def scramble(model, std=0.5):
-    """Give experts and routers non-trivial values so routing and adapters matter."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for site in model.moe_sites():
-            for p in site.parameters():
-                if p.dtype.is_floating_point:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def test_backbone_frozen_and_every_block_adapted():

@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-import open_clip
 import torch
 
+from helpers import inputs, scramble
 from moecl.config import ModelConfig, MoEConfig
 from moecl.model import build_model
 
@@ -29,14 +29,8 @@ def step_figures() -> dict[str, list[float]]:
         model = build_model(ModelConfig(name="moecl-tiny"), MoEConfig(num_experts=6, width=8))
         model.add_task()
         model.add_task()
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for site in model.moe_sites():
-                for p in site.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        g = torch.Generator().manual_seed(1)
-        images = torch.randn(6, 3, 32, 32, generator=g)
-        tokens = open_clip.get_tokenizer("moecl-tiny")(["a red circle", "a blue square", "the glyph q"])
+        scramble(model)
+        images, tokens = inputs()
         task_ids = ids if isinstance(ids, int) else torch.tensor(ids)
         model.train()
         torch.manual_seed(2)  # gate noise and expert dropout
