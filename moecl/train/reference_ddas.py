@@ -4,7 +4,6 @@ Every rank fits the same slot from the same single-rank stream and seed, so the 
 broadcast (the autoencoder is small; the AlexNet forward is the cost)."""
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -13,10 +12,7 @@ from ..data import read_task, train_batches
 from ..data.task import TaskInfo
 from ..ddas.reference import REFERENCE_SLOT, fit_reference_autoencoder
 from ..errors import DataError
-
-
-def _seed(*parts: Any) -> int:
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:12], 16)
+from ..seeding import stable_seed
 
 
 def reference_task(root: str, name_or_path: str) -> TaskInfo:
@@ -40,7 +36,7 @@ def fit_reference_slot(trainer, t: Optional[int], task: Optional[TaskInfo] = Non
         iterations = cfg.ddas.iterations
     batch = cfg.ddas.batch_size
     stream = train_batches(task, batch_size=batch, rank=0, world_size=1, workers=cfg.data.workers,
-                           seed=_seed(cfg.train.seed, "ddas-reference", t), preprocess=trainer.train_tf,
+                           seed=stable_seed(cfg.train.seed, "ddas-reference", t), preprocess=trainer.train_tf,
                            shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
                            max_bad_fraction=cfg.data.max_bad_fraction)
     images = (x for x, _ in stream)
@@ -50,7 +46,7 @@ def fit_reference_slot(trainer, t: Optional[int], task: Optional[TaskInfo] = Non
     images = _chain(first, images)
     per_epoch = math.ceil(task.count("train") / batch)
     ae, info = fit_reference_autoencoder(selector.features, images, dim, cfg.ddas, iterations, per_epoch,
-                                         seed=_seed(cfg.train.seed, "ddas", t), device=trainer.device)
+                                         seed=stable_seed(cfg.train.seed, "ddas", t), device=trainer.device)
     if t is None:
         selector.add_slot(REFERENCE_SLOT, ae, cfg.ddas.fixed_threshold)
     else:
