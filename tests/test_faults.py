@@ -154,7 +154,7 @@ def test_tar_members_with_absolute_or_parent_paths_are_ignored(tmp_path):
 def test_soak_many_short_tasks_do_not_grow_memory_or_open_files(tmp_path):
     """7 one-step tasks with 2 loader workers per stream. After 3 warm-up tasks, resident memory may grow by at most
     8 MiB per task (measured: 844, 882, 888, 892, 893, 897, 902 MiB, about 3 MiB per task) and open files not at
-    all (a one-file wobble aside): a leak of a 16 MiB buffer per task, or of a loader's worker pipes, fails it."""
+    all (a one-file wobble at any task aside): a leak of a 16 MiB buffer per task, or of a loader's worker pipes, fails it."""
     world = build_world(tmp_path / "w", domains="shapes,textures,digits,arrows,flags,colors,clocks", held_out=0,
                         train=6, test=3)
     run = tmp_path / "run"
@@ -166,9 +166,11 @@ def test_soak_many_short_tasks_do_not_grow_memory_or_open_files(tmp_path):
     assert len(res) == 7
     fds = [r["open_files"] for r in res]
     rss = [r["rss_bytes"] for r in res]
-    # a loader worker's pipes close asynchronously, so a count may sit one above for a task (seen: 32, 34, 34, 34,
-    # 34, 35, 34); a leak of even one file per task grows the last count above the first after warm-up
-    assert max(fds[3:]) <= fds[2] + 1 and fds[-1] <= fds[3], f"open files grow: {fds}"
+    # a loader worker's pipes close asynchronously, so a count may sit one above the others at any task, the last
+    # included (seen: 32, 34, 34, 34, 34, 35, 34 and 32, 34, 34, 34, 34, 34, 35); a leak of even one file per task
+    # spreads the five counts after warm-up over 4 or more
+    after = fds[2:]
+    assert max(after) - min(after) <= 1, f"open files grow: {fds}"
     assert rss[-1] - rss[2] < 4 * 8 * 2**20, f"memory grows: {[r // 2**20 for r in rss]} MiB"
 
 
