@@ -166,9 +166,10 @@ def test_soak_many_short_tasks_do_not_grow_memory_or_open_files(tmp_path):
     assert len(res) == 7
     fds = [r["open_files"] for r in res]
     rss = [r["rss_bytes"] for r in res]
-    # a loader worker's pipes close asynchronously, so a count may sit one above the others at any task, the last
-    # included (seen: 32, 34, 34, 34, 34, 35, 34 and 32, 34, 34, 34, 34, 34, 35); a leak of even one file per task
-    # spreads the five counts after warm-up over 4 or more
+    # a background thread may hold a short-lived file at the instant of counting (listed with the targets, it shows
+    # as one entry gone before it could be read), so a count may sit one above the others at any task, the last
+    # included (seen: 32, 34, 34, 34, 34, 35, 34; 32, 34, 35, 34, 34, 34, 34; 32, 34, 34, 34, 34, 34, 35); a leak of
+    # even one file per task spreads the five counts after warm-up over 4 or more
     after = fds[2:]
     assert max(after) - min(after) <= 1, f"open files grow: {fds}"
     assert rss[-1] - rss[2] < 4 * 8 * 2**20, f"memory grows: {[r // 2**20 for r in rss]} MiB"

@@ -129,11 +129,8 @@ def fault_hooks(rank: int = 0) -> FaultHooks:
 
 
 def resources() -> dict[str, int]:
-    """Resident memory and open file descriptors of this process (for the soak test and train.log), after a
-    garbage collection, so that finished data loaders awaiting the cycle collector are not counted."""
-    import gc
+    """Resident memory and open file descriptors of this process (for the soak test and train.log)."""
     import resource
-    gc.collect()
     rss = 0
     try:
         with open("/proc/self/statm") as f:
