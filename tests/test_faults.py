@@ -154,7 +154,8 @@ def test_tar_members_with_absolute_or_parent_paths_are_ignored(tmp_path):
 def test_soak_many_short_tasks_do_not_grow_memory_or_open_files(tmp_path):
     """7 one-step tasks with 2 loader workers per stream. After 3 warm-up tasks, resident memory may grow by at most
     8 MiB per task (measured: 844, 882, 888, 892, 893, 897, 902 MiB, about 3 MiB per task) and open files not at
-    all (a one-file wobble at any task aside): a leak of a 16 MiB buffer per task, or of a loader's worker pipes, fails it."""
+    all (a one-file wobble at any task aside): a leak of a 16 MiB buffer per task, or of one file per task (a
+    loader's worker pipes, say), fails it."""
     world = build_world(tmp_path / "w", domains="shapes,textures,digits,arrows,flags,colors,clocks", held_out=0,
                         train=6, test=3)
     run = tmp_path / "run"
@@ -227,10 +228,12 @@ def test_batch_not_divisible_across_ranks_and_bad_ds_config_are_named(tmp_path):
     for stage in ("3", '"2"', "true"):  # ZeRO-3 (untested for moecl's checkpoints) and non-integer stages
         zero = tmp_path / "zero.json"
         zero.write_text('{"zero_optimization": {"stage": %s}}' % stage)
-        with pytest.raises(ConfigError, match=r"zero\.json: zero_optimization\.stage=.* is not supported; use 0, 1 or 2"):
+        with pytest.raises(ConfigError,
+                           match=r"zero\.json: zero_optimization\.stage=.* is not supported; use 0, 1 or 2"):
             ds_config(load_config("tiny", [f"train.ds_config={zero}"]), 1, torch.device("cpu"))
     zero.write_text('{"zero_optimization": {"stage": 2}}')
-    assert ds_config(load_config("tiny", [f"train.ds_config={zero}"]), 1, torch.device("cpu"))["zero_optimization"] == {"stage": 2}
+    ds = ds_config(load_config("tiny", [f"train.ds_config={zero}"]), 1, torch.device("cpu"))
+    assert ds["zero_optimization"] == {"stage": 2}
 
 
 def test_label_out_of_range_is_a_skipped_sample():
