@@ -36,6 +36,7 @@ def run(out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w") as f:
         json.dump(results, f)
     dist.barrier()
+    dist.destroy_process_group()  # before exit: a gloo group torn down at interpreter exit can abort a rank
 
 
 def compare(out_dir: str, mode: str, world: int, rank: int, results: dict) -> None:

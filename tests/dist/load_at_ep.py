@@ -5,6 +5,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 import moecl  # noqa: F401
 from moecl.config import ModelConfig, MoEConfig
@@ -27,3 +28,5 @@ if __name__ == "__main__":
         out = model.encode_image(io["images"], io["ids"])
     with open(os.path.join(out_dir, f"load_ep{info.world_size}_{mode}_rank{info.rank}.json"), "w") as f:
         json.dump({"max_diff": (out - io["out"]).abs().max().item()}, f)
+    dist.barrier()
+    dist.destroy_process_group()  # before exit: a gloo group torn down at interpreter exit can abort a rank
