@@ -14,6 +14,8 @@ from moecl.model.state import adapter_state
 from moecl.runstate.adapters import load_adapter_state, save_adapter_state
 from moecl.runtime import init_distributed
 
+from ending import end_world
+
 
 def randomize(model, seed):
     g = torch.Generator().manual_seed(seed)
@@ -35,8 +37,7 @@ def run(out_dir: str) -> None:
         compare(out_dir, mode, info.world_size, info.rank, results)
     with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w") as f:
         json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()  # before exit: a gloo group torn down at interpreter exit can abort a rank
+    end_world()
 
 
 def compare(out_dir: str, mode: str, world: int, rank: int, results: dict) -> None:

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from evaluator_stub import TASKS, EvenToTaskSelector, OneHotCLIP, preprocess, tokenizer  # noqa: E402
+from ending import end_world  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
             out[f"{collective}/{row}/work"] = ev.reduce_work().as_dict()
     if rank == 0:
         Path(sys.argv[2]).write_text(json.dumps(out))
-    dist.destroy_process_group()
+    end_world()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.distributed as dist  # noqa: E402
 
 from evaluator_stub import evaluate_all  # noqa: E402
+from ending import end_world  # noqa: E402
 
 
 def main() -> None:
@@ -17,7 +18,7 @@ def main() -> None:
     out = evaluate_all(Path(sys.argv[1]), rank=rank, world_size=world, batch_size=3, collective_routes=True)
     if rank == 0:
         Path(sys.argv[2]).write_text(json.dumps(out))
-    dist.destroy_process_group()
+    end_world()
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 import moecl  # noqa: F401
 from moecl.config import ModelConfig, MoEConfig
 from moecl.model import build_model
 from moecl.runstate.adapters import load_adapter_state
 from moecl.runtime import init_distributed
+
+from ending import end_world
 
 if __name__ == "__main__":
     out_dir = sys.argv[1]
@@ -28,5 +29,4 @@ if __name__ == "__main__":
         out = model.encode_image(io["images"], io["ids"])
     with open(os.path.join(out_dir, f"load_ep{info.world_size}_{mode}_rank{info.rank}.json"), "w") as f:
         json.dump({"max_diff": (out - io["out"]).abs().max().item()}, f)
-    dist.barrier()
-    dist.destroy_process_group()  # before exit: a gloo group torn down at interpreter exit can abort a rank
+    end_world()

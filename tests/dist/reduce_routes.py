@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch.distributed as dist  # noqa: E402
 
 from moecl.evaluation.evaluator import Evaluator, SetResult  # noqa: E402
+from ending import end_world  # noqa: E402
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
         Path(sys.argv[1]).write_text(json.dumps({"correct": out.correct, "total": out.total,
                                                  "routes": {str(k): v for k, v in sorted(out.routes.items())},
                                                  "zero_shot_correct": out.zero_shot_correct}))
-    dist.destroy_process_group()
+    end_world()
 
 
 if __name__ == "__main__":
