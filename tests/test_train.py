@@ -66,7 +66,9 @@ def test_single_process_run_keeps_old_routers_and_frozen_experts(tiny_run):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launcher):
+    from moecl import load_run
     from moecl.evaluation.cli import evaluate_run
+    from moecl.model.state import adapter_state
     run = tmp_path / "ep2"
     run_train(run, world, "moe.ep_size=2", "train.iterations=2", "train.checkpoint_every=1", nproc=2,
               launcher=launcher)
@@ -79,7 +81,19 @@ def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launc
     log = (run / "train.log").read_text()
     assert "2 rank(s)" in log
     _check_activate_freeze(run, iterations=2, ranks=2)  # counts summed over both ranks, frozen = their top 2
-    # the checkpoint of the 2-rank, ep_size 2 run evaluated in one process at ep_size 1 gives the report's rows
+    # each rank scored its part of every test set: reduced over the ranks, each routing-confusion row (test set)
+    # counts every test image once (a report of one rank's counts would show about half)
+    sizes = [json.loads((world / name / "task.json").read_text())["counts"]["test"]
+             for name in ("shapes", "digits", "colors")]
+    for mode in ("oracle", "agnostic"):
+        assert [sum(row) for row in report["methods"]["moecl"][mode]["routing_confusion"]] == sizes, mode
+    # the checkpoint of the 2-rank, ep_size 2 run loads into one process at ep_size 1 with every tensor it holds
+    # (2 iterations move the rows too little to show experts that were not loaded)
+    loaded = load_run(run, device="cpu")
+    assert loaded.model.moe_cfg.ep_size == 1
+    held, saved = adapter_state(loaded.model)[0], state
+    assert held.keys() == saved.keys() and [k for k in saved if not torch.equal(held[k], saved[k])] == []
+    # and evaluated there gives the report's rows
     results, _ = evaluate_run(run, device="cpu")
     for mode in ("oracle", "agnostic"):
         entry = report["methods"]["moecl"][mode]
