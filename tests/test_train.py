@@ -81,6 +81,13 @@ def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launc
     log = (run / "train.log").read_text()
     assert "2 rank(s)" in log
     _check_activate_freeze(run, iterations=2, ranks=2)  # counts summed over both ranks, frozen = their top 2
+    # the ranks agree on the frozen set: rank 1 holds experts 2 and 3 of each site at ep_size 2, and those that
+    # task 0 froze (by the counts rank 0 wrote) come out of task 1 unchanged, while task 1 trains the others
+    e0, e1 = _adapters(run / "checkpoints" / "task-000"), state
+    experts = [k for k in e0 if ".experts." in k]
+    frozen_on_1 = [k for k in experts if _frozen_in(e0, k) and int(k.split(".experts.")[1].split(".")[0]) >= 2]
+    assert frozen_on_1 and all(torch.equal(e0[k], e1[k]) for k in frozen_on_1), "rank 1 trained a frozen expert"
+    assert any(not torch.equal(e0[k], e1[k]) for k in experts if not _frozen_in(e0, k))
     # each rank scored its part of every test set: reduced over the ranks, each routing-confusion row (test set)
     # counts every test image once (a report of one rank's counts would show about half)
     sizes = [json.loads((world / name / "task.json").read_text())["counts"]["test"]
