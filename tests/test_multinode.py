@@ -350,6 +350,29 @@ def test_a_node_dies_the_other_stops_naming_it_and_resume_continues(world, refer
     assert_same_as_reference(run, reference)  # same shape, deterministic: exactly the uninterrupted run
 
 
+def test_a_data_error_on_one_node_stops_the_other_naming_the_rank(world, tmp_path):
+    """A corrupt training shard that one rank alone reads (each rank reads every other shard: no resampling) stops
+    that rank with the shard named; the other node's rank, whose own launcher knows nothing of it, stops at once
+    with the cross-rank message naming the rank that stopped answering, long before runtime.collective_timeout_s.
+    (On one node, tests/test_faults.py, the shared launcher ends the other rank itself.)"""
+    data = tmp_path / "w"
+    shutil.copytree(world, data)
+    (data / "shapes" / "train-000001.tar").write_bytes(b"this is not a tar file" * 100)
+    start = time.time()
+    nodes = torchrun_nodes(tmp_path / "run", data, tmp_path, overrides=[*COMMON, "data.max_bad_fraction=0"],
+                           stagger=3.0)
+    codes = wait_all(nodes)
+    elapsed = time.time() - start
+    texts = [n.text() for n in nodes]
+    failed = [i for i, t in enumerate(texts) if re.search(r"moecl train: error: .*train-000001\.tar", t)]
+    assert len(failed) == 1, "\n".join(t[-2000:] for t in texts)
+    other = texts[1 - failed[0]]
+    lost = re.search(r"rank (\d) \(node [^)]*\) stopped answering during task 0 \(shapes\) step \d+", other)
+    assert lost and int(lost.group(1)) == 1, other[-3000:]  # rank 1 reads shards 1 and 3
+    assert "--resume auto" in other and all(c != 0 for c in codes), codes
+    assert elapsed < 240, elapsed  # runtime.collective_timeout_s is 300 s: the stop did not wait for it
+
+
 # Resuming on another shape re-splits the rest of the data (another per-rank batch, another shard split) and runs
 # the experts through another path (local experts vs all-to-all), so the finished run is not bit-equal to an
 # uninterrupted one; neither are the two uninterrupted shapes to each other (with the experts sharded, each rank
