@@ -59,7 +59,7 @@ def test_single_process_run_keeps_old_routers_and_frozen_experts(tiny_run):
     _check_activate_freeze(run, iterations=4, ranks=1)
     # the unfrozen experts did train in task 1
     unfrozen = [k for k in a0 if ".experts." in k and k.endswith("up.weight")
-                and not frozen0[k.split(".experts.")[0]][int(k.split(".experts.")[1].split(".")[0])]]
+                and not frozen0[k.split(".experts.")[0]][_expert_id(k)]]
     assert any(not torch.equal(a0[k], a1[k]) for k in unfrozen)
 
 
@@ -83,11 +83,11 @@ def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launc
     _check_activate_freeze(run, iterations=2, ranks=2)  # counts summed over both ranks, frozen = their top 2
     # the ranks agree on the frozen set: rank 1 holds experts 2 and 3 of each site at ep_size 2, and those that
     # task 0 froze (by the counts rank 0 wrote) come out of task 1 unchanged, while task 1 trains the others
-    e0, e1 = _adapters(run / "checkpoints" / "task-000"), state
-    experts = [k for k in e0 if ".experts." in k]
-    frozen_on_1 = [k for k in experts if _frozen_in(e0, k) and int(k.split(".experts.")[1].split(".")[0]) >= 2]
-    assert frozen_on_1 and all(torch.equal(e0[k], e1[k]) for k in frozen_on_1), "rank 1 trained a frozen expert"
-    assert any(not torch.equal(e0[k], e1[k]) for k in experts if not _frozen_in(e0, k))
+    a0 = _adapters(run / "checkpoints" / "task-000")
+    experts = [k for k in a0 if ".experts." in k]
+    frozen_on_1 = [k for k in experts if _frozen_in(a0, k) and _expert_id(k) >= 2]
+    assert frozen_on_1 and all(torch.equal(a0[k], state[k]) for k in frozen_on_1), "rank 1 trained a frozen expert"
+    assert any(not torch.equal(a0[k], state[k]) for k in experts if not _frozen_in(a0, k))
     # each rank scored its part of every test set: reduced over the ranks, each routing-confusion row (test set)
     # counts every test image once (a report of one rank's counts would show about half)
     sizes = [json.loads((world / name / "task.json").read_text())["counts"]["test"]
@@ -98,8 +98,8 @@ def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launc
     # (2 iterations move the rows too little to show experts that were not loaded)
     loaded = load_run(run, device="cpu")
     assert loaded.model.moe_cfg.ep_size == 1
-    held, saved = adapter_state(loaded.model)[0], state
-    assert held.keys() == saved.keys() and [k for k in saved if not torch.equal(held[k], saved[k])] == []
+    held = adapter_state(loaded.model)[0]
+    assert held.keys() == state.keys() and [k for k in state if not torch.equal(held[k], state[k])] == []
     # and evaluated there gives the report's rows
     results, _ = evaluate_run(run, device="cpu")
     for mode in ("oracle", "agnostic"):
@@ -116,7 +116,7 @@ def test_two_processes_expert_parallel_through_a_launcher(world, tmp_path, launc
     assert resumed["config"]["moe"]["ep_size"] == 1
     for mode in ("oracle", "agnostic"):
         assert resumed["methods"]["moecl"][mode]["matrix"][0] == report["methods"]["moecl"][mode]["matrix"][0]
-    a0, b1 = _adapters(run / "checkpoints" / "task-000"), _adapters(one / "checkpoints" / "task-001")
+    b1 = _adapters(one / "checkpoints" / "task-001")
     kept = [k for k in a0 if k.endswith((".router.0", ".noise.0")) or (".experts." in k and _frozen_in(a0, k))]
     assert kept and all(torch.equal(a0[k], b1[k]) for k in kept), "task 0's routers or frozen experts changed"
     assert any(not torch.equal(a0[k], b1[k]) for k in a0 if ".experts." in k), "task 1 did not train at ep_size 1"
@@ -141,9 +141,13 @@ def _check_activate_freeze(run, iterations, ranks, batch=16, top_k=2, freeze_top
             frozen_before[site] = frozen
 
 
+def _expert_id(key):
+    """The global expert id in a key such as ``image.0.experts.3.up.weight``."""
+    return int(key.split(".experts.")[1].split(".")[0])
+
+
 def _frozen_in(state, key):
-    site, rest = key.split(".experts.")
-    return bool(state[f"{site}.frozen"][int(rest.split(".")[0])])
+    return bool(state[f"{key.split('.experts.')[0]}.frozen"][_expert_id(key)])
 
 
 @pytest.mark.slow
